@@ -1,0 +1,50 @@
+"""Merge options shared by every command that runs a merge (typer annotations)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Cuda = Annotated[bool, typer.Option("--cuda", help="Do the math on the GPU.")]
+Device = Annotated[
+    str | None, typer.Option("--device", help="Torch device for the math, e.g. cuda:1.")
+]
+OutShardSize = Annotated[
+    str, typer.Option("--out-shard-size", metavar="SIZE",
+                      help="Largest output shard in bytes; k/M/B suffixes (5B = 5e9).")
+]
+CopyTokenizer = Annotated[
+    bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
+                       help="Copy the tokenizer files into the output.")
+]
+AllowCrimes = Annotated[
+    bool, typer.Option("--allow-crimes", help="Allow merging models of different architectures.")
+]
+LazyUnpickle = Annotated[
+    bool, typer.Option("--lazy-unpickle", help="Accepted for compatibility (always on).")
+]
+RandomSeed = Annotated[
+    int | None, typer.Option("--random-seed", help="Seed for methods that draw at random.")
+]
+CloneTensors = Annotated[
+    bool, typer.Option("--clone-tensors", help="Accepted for compatibility (no effect).")
+]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code",
+                       help="Allow custom model code where a tool needs it (off by default).")
+]
+TransformersCache = Annotated[
+    str | None, typer.Option("--transformers-cache", metavar="DIR",
+                             help="Hub cache folder to use instead of the default.")
+]
+WriteModelCard = Annotated[
+    bool, typer.Option("--write-model-card/--no-write-model-card",
+                       help="Write a README.md model card.")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or info lines.")]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Check the recipe against the inputs' headers and print "
+                       "the plan; read and write no weights.")
+]

@@ -1,0 +1,1 @@
+"""Reading models (local folders, the hub cache, safetensors and .bin) and writing outputs."""

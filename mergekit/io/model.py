@@ -1,0 +1,195 @@
+"""One input model: its config, its tensor names, and lazy access to each tensor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit.errors import merge_failure, usage_error
+from mergekit.io.dtypes import st_code
+from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
+from mergekit.refs import ModelReference
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+class ModelSource:
+    """A model in a local folder (a hub snapshot is one); weight files are fetched on demand."""
+
+    def __init__(
+        self,
+        ref: ModelReference,
+        folder: Path,
+        fetch: Callable[[str], Path | None],
+        reader: SafetensorsReader,
+    ) -> None:
+        self.ref = ref
+        self.folder = folder
+        self._fetch = fetch
+        self._reader = reader
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self.config = self._load_config()
+        self.weight_map = self._find_weights()  # tensor name -> weight file name
+
+    @property
+    def key(self) -> str:
+        return str(self.ref)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _load_config(self) -> dict[str, Any]:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise usage_error(f"model '{self.ref}'", f"no config.json in {self.folder}",
+                              "point the recipe at a transformers model folder")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise usage_error(str(path), f"cannot parse config.json ({exc})",
+                              "fix or re-download the file") from None
+        if not isinstance(config, dict):
+            raise usage_error(str(path), "config.json is not a JSON object", "fix the file")
+        return config
+
+    def _find_weights(self) -> dict[str, str]:
+        for index_name, single_name in WEIGHT_LAYOUTS:
+            index = self._fetch(index_name)
+            if index is not None:
+                return self._read_index(index)
+            single = self._fetch(single_name)
+            if single is not None:
+                return dict.fromkeys(self._names_in(single_name), single_name)
+        loose = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if loose:
+            return {n: f for f in loose for n in self._names_in(f)}
+        raise usage_error(f"model '{self.ref}'", f"no weights found in {self.folder}",
+                          "expected model.safetensors, a sharded index, or pytorch_model.bin")
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise merge_failure(str(path), "not a valid shard index (no weight_map object)",
+                                "fix or re-download the file")
+        for name, filename in weight_map.items():
+            p = Path(str(filename))
+            if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+                raise merge_failure(
+                    str(path), f"weight_map entry {name!r} points outside the model folder "
+                    f"({filename!r})", "refusing to read it; the index is broken or hostile")
+        return {str(k): str(v) for k, v in weight_map.items()}
+
+    def _file(self, filename: str) -> Path:
+        path = self._fetch(filename)
+        if path is None:
+            raise merge_failure(f"model '{self.ref}'", f"shard {filename} is missing",
+                                "the download is incomplete; fetch the model again")
+        return path
+
+    def _names_in(self, filename: str) -> list[str]:
+        if filename.endswith(".bin"):
+            return list(self._load_bin(filename))
+        return list(self._header(filename))
+
+    def _header(self, filename: str) -> dict[str, TensorInfo]:
+        if filename not in self._headers:
+            self._headers[filename] = read_header(self._file(filename))
+        return self._headers[filename]
+
+    def _load_bin(self, filename: str) -> dict[str, torch.Tensor]:
+        if filename not in self._bins:
+            self._bins[filename] = load_bin(self._file(filename))
+        return self._bins[filename]
+
+    def info(self, name: str) -> TensorInfo:
+        filename = self.weight_map.get(name)
+        if filename is None:
+            raise merge_failure(f"model '{self.ref}'", f"has no tensor {name!r}",
+                                "check that the models share an architecture")
+        if filename.endswith(".bin"):
+            t = self._load_bin(filename).get(name)
+            if t is None:
+                raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+                                    "the index and the shard disagree; re-download")
+            nbytes = t.numel() * t.element_size()
+            return TensorInfo(name, st_code(t.dtype), tuple(t.shape), self._file(filename), 0,
+                              nbytes)
+        info = self._header(filename).get(name)
+        if info is None:
+            raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+                                "the index and the shard disagree; re-download")
+        return info
+
+    def read(self, name: str) -> torch.Tensor:
+        filename = self.weight_map[name]
+        if filename.endswith(".bin"):
+            return self._load_bin(filename)[name]
+        return self._reader.read(self.info(name))
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled checkpoint with torch's weights-only unpickler: code never runs."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise merge_failure(
+            str(path), f"refused to unpickle: it holds more than plain tensors ({first[:200]})",
+            "only load checkpoints you trust, or convert them to safetensors") from None
+    except Exception as exc:  # noqa: BLE001
+        raise merge_failure(str(path), f"cannot load checkpoint ({type(exc).__name__}: {exc})",
+                            "the file is damaged; download it again") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
+        raise merge_failure(str(path), "not a state dict of tensors", "check the checkpoint")
+    return data
+
+
+def open_model(
+    ref: ModelReference, reader: SafetensorsReader, cache_dir: str | None
+) -> ModelSource:
+    """Open a local folder, or a hub model through the cache (small files first)."""
+    if ref.is_local and ref.revision is None:
+        folder = Path(ref.path)
+
+        def fetch(filename: str) -> Path | None:
+            p = folder / filename
+            return p if p.is_file() else None
+
+        return ModelSource(ref, folder, fetch, reader)
+
+    from mergekit.io import hub
+
+    folder = hub.fetch_small_files(ref, cache_dir)
+
+    def fetch_hub(filename: str) -> Path | None:
+        local = folder / filename
+        if local.is_file():
+            return local
+        return hub.fetch_file(ref, filename, cache_dir)
+
+    return ModelSource(ref, folder, fetch_hub, reader)

@@ -1,0 +1,143 @@
+"""Lazy safetensors reading: parse and check the header, read single tensors on demand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergekit.errors import merge_failure
+from mergekit.io.dtypes import ST_DTYPES, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; every problem names the file."""
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise merge_failure(where, "truncated safetensors file (no header)",
+                                    "download the file again")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise merge_failure(
+                    where, f"header length {n} is larger than the file ({size} bytes)",
+                    "the file is truncated or not safetensors; download it again")
+            raw = f.read(n)
+    except OSError as exc:
+        raise merge_failure(where, f"cannot read ({exc.strerror})", "check the file") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise merge_failure(where, "the safetensors header is not valid JSON",
+                            "the file is damaged; download it again") from None
+    if not isinstance(header, dict):
+        raise merge_failure(where, "the safetensors header is not a JSON object",
+                            "the file is damaged; download it again")
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _check_entry(where, name, entry, data_start)
+    spans = sorted((i.start, i.end, i.name) for i in infos.values())
+    pos = data_start
+    for start, end, name in spans:
+        if start < pos:
+            raise merge_failure(where, f"tensor {name!r} overlaps the tensor before it",
+                                "the file is damaged; download it again")
+        if start > pos:
+            raise merge_failure(where, f"a gap of {start - pos} bytes before tensor {name!r}",
+                                "the file is damaged; download it again")
+        pos = end
+    if pos > size:
+        raise merge_failure(where, f"tensor data runs past the end of the file ({pos} > {size} "
+                            "bytes)", "the file is truncated; download it again")
+    return infos
+
+
+def _check_entry(where: str, name: str, entry: object, data_start: int) -> TensorInfo:
+    def bad(what: str) -> Exception:
+        return merge_failure(where, f"tensor {name!r}: {what}",
+                             "the file is damaged; download it again")
+
+    if not isinstance(entry, dict):
+        raise bad("header entry is not an object")
+    dtype = entry.get("dtype")
+    if dtype not in ST_DTYPES:
+        raise bad(f"unknown dtype {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise bad(f"bad shape {shape!r}")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise bad(f"bad data_offsets {offsets!r}")
+    expected = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise bad(f"shape {shape} of {dtype} needs {expected} bytes but its byte range has "
+                  f"{offsets[1] - offsets[0]}")
+    return TensorInfo(name, dtype, tuple(shape), Path(where),
+                      data_start + offsets[0], data_start + offsets[1])
+
+
+class SafetensorsReader:
+    """Reads tensors by byte range from open files; one per run, closed at the end."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        import torch
+
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.start + done)
+            if got <= 0:
+                raise merge_failure(str(info.file), f"file ended while reading {info.name!r}",
+                                    "the file is truncated; download it again")
+            done += got
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,103 @@
+"""Streaming safetensors output: each shard's header is known from the plan, so tensors
+are written to disk as they are produced and no shard is ever held in memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from mergekit.errors import merge_failure
+from mergekit.io.dtypes import itemsize, st_code
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def shard_header(entries: list[ShardEntry]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape),
+                          "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors shard; tensors must arrive in ``entries`` order."""
+
+    def __init__(self, path: Path, entries: list[ShardEntry]) -> None:
+        self.path = path
+        self._entries = entries
+        self._next = 0
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._write(shard_header(entries))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
+                                "free disk space or choose another output folder") from None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self._entries[self._next]
+        if name != entry.name or tuple(tensor.shape) != entry.shape or (
+            st_code(tensor.dtype) != entry.dtype
+        ):
+            raise RuntimeError(
+                f"internal: expected {entry.name} {entry.shape} {entry.dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}")
+        self._next += 1
+        if entry.nbytes:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
+            self._write(memoryview(data))
+
+    def finish(self) -> None:
+        if self._next != len(self._entries):
+            raise RuntimeError(f"internal: {self.path.name} got {self._next} of "
+                               f"{len(self._entries)} tensors")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
+                                "free disk space or choose another output folder") from None
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+def _u8() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

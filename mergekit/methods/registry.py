@@ -1,0 +1,156 @@
+"""The registry of merge methods: name -> function, parameter model and base requirement.
+
+A method is a pure function ``fn(tensors, base, params) -> tensor``:
+``tensors`` are the non-base inputs as float32 tensors of one shape, ``base`` the base
+model's tensor (or None), ``params`` an instance of the method's parameter model in which
+per-model fields hold one value per entry of ``tensors``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.fields import FieldInfo
+
+from mergekit.errors import usage_error
+
+
+class _PerModel:
+    """Marker: this parameter takes one value per input model."""
+
+    def __repr__(self) -> str:
+        return "per-model"
+
+
+PER_MODEL = _PerModel()
+
+# A per-model number: the recipe gives a scalar (or gradient) per model; the method
+# receives a tuple with one float per input tensor.
+PerModelFloat = Annotated[tuple[float, ...], PER_MODEL]
+
+
+class MethodParams(BaseModel):
+    """Base class of every method's parameter model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+BaseUse = Literal["required", "optional", "unused"]
+# How inputs of different shapes (vocabulary sizes) are brought to one shape:
+# "min" crops all to the common smallest shape, "base" to the base model's shape.
+ShapePolicy = Literal["min", "base"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # the name a recipe uses (the alias where one is set)
+    attr: str  # the attribute on the params model
+    per_model: bool
+    required: bool
+    default: Any
+    kind: str  # "float", "bool", "int", "str", ...
+    description: str
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Any]
+    params_model: type[MethodParams]
+    base: BaseUse
+    shape_policy: ShapePolicy
+    min_models: int
+    max_models: int | None
+    random: bool
+
+    @property
+    def display_name(self) -> str:
+        doc = (self.fn.__doc__ or self.name).strip()
+        return doc.splitlines()[0].strip()
+
+    @property
+    def reference(self) -> str:
+        lines = [line.strip() for line in (self.fn.__doc__ or "").strip().splitlines()[1:]]
+        return next((line for line in lines if line.startswith("http")), "")
+
+    @property
+    def params(self) -> list[ParamSpec]:
+        return [_spec(attr, info) for attr, info in self.params_model.model_fields.items()]
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def make_params(self, values: dict[str, Any]) -> MethodParams:
+        """Build the params instance from resolved values keyed by recipe name."""
+        return self.params_model.model_validate(values)
+
+
+def _spec(attr: str, info: FieldInfo) -> ParamSpec:
+    per_model = any(isinstance(m, _PerModel) for m in info.metadata)
+    annotation = info.annotation
+    if per_model:
+        kind = "float"
+    elif annotation is bool:
+        kind = "bool"
+    elif annotation is int:
+        kind = "int"
+    elif annotation is float:
+        kind = "float"
+    else:
+        kind = getattr(annotation, "__name__", str(annotation))
+    return ParamSpec(
+        name=info.alias or attr,
+        attr=attr,
+        per_model=per_model,
+        required=info.is_required(),
+        default=None if info.is_required() else info.default,
+        kind=kind,
+        description=info.description or "",
+    )
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    params: type[MethodParams],
+    *,
+    base: BaseUse,
+    shape_policy: ShapePolicy = "min",
+    min_models: int = 1,
+    max_models: int | None = None,
+    random: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a merge method under ``name`` (its YAML name)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _METHODS:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        _METHODS[name] = Method(
+            name, fn, params, base, shape_policy, min_models, max_models, random
+        )
+        return fn
+
+    return wrap
+
+
+def all_methods() -> dict[str, Method]:
+    from mergekit import methods  # noqa: F401  (imports every method module)
+
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str, where: str = "merge_method") -> Method:
+    methods = all_methods()
+    if name in methods:
+        return methods[name]
+    close = difflib.get_close_matches(name, list(methods), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise usage_error(
+        where, f"unknown method {name!r}", f"{hint}(known: {', '.join(methods)})"
+    )

@@ -1,0 +1,377 @@
+"""Recipe + input headers -> the merge plan: one frozen record per output tensor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mergekit.architecture import (
+    LayerLayout,
+    embedding_name,
+    find_layers,
+    is_head_name,
+)
+from mergekit.config import MergeConfiguration, Parameters
+from mergekit.errors import usage_error
+from mergekit.io.dtypes import FLOAT_CODES, NAME_TO_ST, itemsize
+from mergekit.io.model import ModelSource
+from mergekit.io.safetensors_file import TensorInfo
+from mergekit.methods.registry import Method, get_method
+from mergekit.parameters import resolve
+from mergekit.refs import parse_model_reference
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    model: str  # model key, as the recipe names it
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    output_name: str
+    method: str
+    inputs: tuple[TensorRef, ...]  # the non-base inputs, in recipe order
+    base: TensorRef | None
+    params: Mapping[str, Any]  # resolved values; per-model ones as tuples aligned to inputs
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the saved tensor
+    shard: int  # index into MergePlan.shard_files
+    layer: int | None  # output layer index, None outside the layers
+    compute: bool = True  # False: a non-float tensor, copied from the base or first input
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    method: str
+    jobs: tuple[TensorJob, ...]
+    shard_files: tuple[str, ...]
+    num_layers: int
+    config_model: str  # whose config.json (and default tokenizer) the output takes
+    layer_origins: tuple[tuple[str, int], ...]  # per output layer: (model, source layer)
+    read_bytes: int
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str
+    start: int
+    end: int
+    params: Parameters | None
+    where: str  # YAML path of the source
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    base: str | None
+    params: Parameters | None
+    where: str
+
+
+class _Planner:
+    def __init__(
+        self,
+        config: MergeConfiguration,
+        sources: Mapping[str, ModelSource],
+        shard_bytes: int,
+        allow_crimes: bool,
+    ) -> None:
+        self.cfg = config
+        self.sources = sources
+        self.shard_bytes = shard_bytes
+        self.method: Method = get_method(config.merge_method)
+        self.layouts = {k: find_layers(s.names, s.config) for k, s in sources.items()}
+        self.imp = {
+            str(parse_model_reference(k)): v
+            for k, v in (config.input_model_parameters or {}).items()
+        }
+        self.warnings: list[str] = []
+        self.out_dtype = NAME_TO_ST[config.output_dtype] if config.output_dtype else None
+        if not allow_crimes:
+            self._check_architectures()
+
+    # -- structure -------------------------------------------------------------
+
+    def _check_architectures(self) -> None:
+        archs = {k: tuple(s.config.get("architectures") or ()) for k, s in self.sources.items()}
+        if len(set(archs.values())) > 1:
+            listing = ", ".join(f"{k}: {'/'.join(a) or '?'}" for k, a in archs.items())
+            raise usage_error("models", f"the architectures differ ({listing})",
+                              "merge models of one architecture, or pass --allow-crimes")
+
+    def _slices(self) -> list[_Slice]:
+        cfg = self.cfg
+        base = str(cfg.base_model) if cfg.base_model else None
+        if cfg.models is not None:
+            counts = {str(m.model): self.layouts[str(m.model)].num_layers for m in cfg.models}
+            if base and self.method.base != "unused":
+                counts.setdefault(base, self.layouts[base].num_layers)
+            if len(set(counts.values())) > 1:
+                listing = ", ".join(f"{k}: {n}" for k, n in counts.items())
+                raise usage_error("models", f"the models have different layer counts ({listing})",
+                                  "use slices to choose matching layer ranges")
+            n = next(iter(counts.values()))
+            srcs = [_Source(str(m.model), 0, n, m.parameters, f"models[{i}]")
+                    for i, m in enumerate(cfg.models)]
+            if base and self.method.base != "unused" and base not in [s.model for s in srcs]:
+                srcs.append(_Source(base, 0, n, None, "base_model"))
+            return [_Slice(tuple(srcs), base, None, "models")]
+        out = []
+        for i, s in enumerate(cfg.slices or []):
+            sbase = str(s.base_model) if s.base_model else base
+            srcs = tuple(
+                _Source(str(src.model), src.layer_range[0], src.layer_range[1], src.parameters,
+                        f"slices[{i}].sources[{j}]")
+                for j, src in enumerate(s.sources)
+            )
+            for src in srcs:
+                n = self.layouts[src.model].num_layers
+                if src.end > n:
+                    raise usage_error(
+                        f"{src.where}.layer_range", f"[{src.start}, {src.end}] is past the {n} "
+                        f"layers of {src.model}", f"use an end of at most {n}")
+            out.append(_Slice(srcs, sbase, s.parameters, f"slices[{i}]"))
+        return out
+
+    def _split(self, sl: _Slice) -> tuple[_Source | None, list[_Source]]:
+        """(base source or None, the other inputs) for this slice and method."""
+        if self.method.base == "unused" or sl.base is None:
+            return None, list(sl.sources)
+        base = next((s for s in sl.sources if s.model == sl.base), None)
+        return base, [s for s in sl.sources if s is not base]
+
+    # -- parameters --------------------------------------------------------------
+
+    def _params(
+        self, sl: _Slice, inputs: list[_Source], tensor: str, t: float
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for spec in self.method.params:
+            if spec.per_model:
+                per = []
+                for src in inputs:
+                    levels = [src.params, sl.params, self.imp.get(src.model), self.cfg.parameters]
+                    found, v = resolve(levels, spec.name, tensor, t)
+                    if not found:
+                        if spec.required:
+                            raise usage_error(
+                                f"{src.where}.parameters",
+                                f"'{self.method.name}' needs {spec.name!r} for model {src.model} "
+                                f"(tensor {tensor}) and none is set",
+                                f"set {spec.name} under this model's parameters or the "
+                                "top-level parameters")
+                        v = spec.default
+                    per.append(v)
+                values[spec.name] = tuple(per)
+            else:
+                found, v = resolve([sl.params, self.cfg.parameters], spec.name, tensor, t)
+                if found:
+                    values[spec.name] = v
+                elif spec.required:
+                    raise usage_error(
+                        "parameters", f"'{self.method.name}' needs {spec.name!r} (tensor {tensor}) "
+                        "and none is set", f"set {spec.name} under parameters")
+        try:
+            params = self.method.make_params(values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = err["loc"][0] if err["loc"] else "?"
+            raise usage_error(f"parameters.{name}", f"{err['msg']} (tensor {tensor}, value "
+                              f"{values.get(str(name))!r})", "fix the value in the recipe"
+                              ) from None
+        return params.model_dump(by_alias=True)
+
+    # -- one output tensor -------------------------------------------------------
+
+    def _input_name(self, src: _Source, name: str) -> str | None:
+        """The name of ``name`` in this source's model (tied heads use the embedding)."""
+        model = self.sources[src.model]
+        if name in model.weight_map:
+            return name
+        if is_head_name(name) and model.config.get("tie_word_embeddings", True):
+            return embedding_name(model.names)
+        return None
+
+    def _job(
+        self, out_name: str, sl: _Slice, names: dict[str, str], t: float, layer: int | None
+    ) -> dict[str, Any]:
+        base_src, inputs = self._split(sl)
+        infos: dict[str, TensorInfo] = {}
+        for src in ([base_src] if base_src else []) + inputs:
+            infos[src.model] = self.sources[src.model].info(names[src.model])
+        ref = infos[base_src.model] if base_src else infos[inputs[0].model]
+        shape = self._shape(out_name, infos, ref, layer is None)
+        compute = ref.dtype in FLOAT_CODES
+        dtype = self.out_dtype if (compute and self.out_dtype) else ref.dtype
+        return dict(
+            output_name=out_name,
+            method=self.method.name,
+            inputs=tuple(TensorRef(s.model, names[s.model]) for s in inputs),
+            base=TensorRef(base_src.model, names[base_src.model]) if base_src else None,
+            params=self._params(sl, inputs, out_name, t) if compute else {},
+            shape=shape,
+            dtype=dtype,
+            layer=layer,
+            compute=compute,
+        )
+
+    def _shape(
+        self, name: str, infos: dict[str, TensorInfo], ref: TensorInfo, outside_layers: bool
+    ) -> tuple[int, ...]:
+        shapes = {k: i.shape for k, i in infos.items()}
+        if len(set(shapes.values())) == 1:
+            return ref.shape
+        listing = ", ".join(f"{k}: {list(s)}" for k, s in shapes.items())
+        ndims = {len(s) for s in shapes.values()}
+        if not outside_layers or len(ndims) > 1 or ndims.pop() > 2:
+            raise usage_error(name, f"the input shapes differ ({listing})",
+                              "merge models of the same size, or pick matching layers")
+        if self.method.shape_policy == "base":
+            out = ref.shape
+        else:
+            out = tuple(min(dims) for dims in zip(*shapes.values()))
+        self.warnings.append(f"{name}: input shapes differ ({listing}); output is {list(out)}")
+        return out
+
+    def _names(self, sl: _Slice, name_of: Any) -> dict[str, str]:
+        names = {}
+        for src in sl.sources:
+            n = name_of(src)
+            if n is None:
+                raise usage_error(src.where, f"model {src.model} has no tensor matching "
+                                  f"{name_of(sl.sources[0])}",
+                                  "merge models whose tensor names match")
+            names[src.model] = n
+        return names
+
+    # -- the whole plan ------------------------------------------------------------
+
+    def build(self) -> MergePlan:
+        slices = self._slices()
+        config_model = (
+            str(self.cfg.base_model) if self.cfg.base_model else slices[0].sources[0].model
+        )
+        out_layout = self.layouts[config_model]
+        raw: list[dict[str, Any]] = []
+        first, last = slices[0], slices[-1]
+
+        def ref_layout(sl: _Slice) -> tuple[_Source, LayerLayout]:
+            base_src, inputs = self._split(sl)
+            src = base_src or inputs[0]
+            return src, self.layouts[src.model]
+
+        def extra(sl: _Slice, which: str) -> None:
+            _, layout = ref_layout(sl)
+            for name in getattr(layout, which):
+                names = self._names(sl, lambda s, n=name: self._input_name(s, n))
+                raw.append(self._job(name, sl, names, 0.0, None))
+
+        extra(first, "pre")
+        origins: list[tuple[str, int]] = []
+        for sl in slices:
+            ref_src, layout = ref_layout(sl)
+            n = ref_src.end - ref_src.start
+            for i in range(n):
+                k = len(origins)
+                origins.append((ref_src.model, ref_src.start + i))
+                t = i / (n - 1) if n > 1 else 1.0
+                for suffix in layout.layer_suffixes[ref_src.start + i]:
+                    def name_of(s: _Source, i: int = i, suffix: str = suffix) -> str | None:
+                        n = self.layouts[s.model].layer_name(s.start + i, suffix)
+                        return n if n in self.sources[s.model].weight_map else None
+
+                    names = self._names(sl, name_of)
+                    prefix = out_layout.prefix or layout.prefix
+                    raw.append(self._job(f"{prefix}.{k}.{suffix}", sl, names, t, k))
+        extra(last, "post")
+        if out_layout.num_layers == 0 and origins:
+            raise usage_error(config_model, "no layers found in its tensor names",
+                              "is this a transformers language model?")
+
+        jobs, shard_files = self._assign_shards(raw)
+        seen: set[tuple[str, str]] = set()
+        read_bytes = 0
+        for job in jobs:
+            for ref in job.inputs + ((job.base,) if job.base else ()):
+                if (ref.model, ref.name) not in seen:
+                    seen.add((ref.model, ref.name))
+                    read_bytes += self.sources[ref.model].info(ref.name).nbytes
+        return MergePlan(self.method.name, tuple(jobs), shard_files, len(origins),
+                         config_model, tuple(origins), read_bytes, tuple(self.warnings))
+
+    def _assign_shards(
+        self, raw: list[dict[str, Any]]
+    ) -> tuple[list[TensorJob], tuple[str, ...]]:
+        shard, used = 0, 0
+        assigned = []
+        for r in raw:
+            nbytes = math.prod(r["shape"]) * itemsize(r["dtype"])
+            if used and used + nbytes > self.shard_bytes:
+                shard, used = shard + 1, 0
+            used += nbytes
+            assigned.append(TensorJob(shard=shard, **r))
+        count = shard + 1
+        if count == 1:
+            files: tuple[str, ...] = ("model.safetensors",)
+        else:
+            files = tuple(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
+        return assigned, files
+
+
+def build_plan(
+    config: MergeConfiguration,
+    sources: Mapping[str, ModelSource],
+    shard_bytes: int = 5 * 1000**3,
+    allow_crimes: bool = False,
+) -> MergePlan:
+    return _Planner(config, sources, shard_bytes, allow_crimes).build()
+
+
+def format_plan(plan: MergePlan) -> str:
+    """Human-readable plan for --dry-run."""
+    lines = []
+    for job in plan.jobs:
+        ins = ", ".join(f"{r.model}:{r.name}" for r in job.inputs)
+        base = f" base={job.base.model}:{job.base.name}" if job.base else ""
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
+        how = job.method if job.compute else "copy"
+        lines.append(
+            f"{job.output_name} {list(job.shape)} {job.dtype} shard={job.shard + 1} {how} "
+            f"[{ins}]{base} {params}".rstrip()
+        )
+    lines.append("")
+    lines.append(
+        f"{len(plan.jobs)} tensors, {plan.num_layers} layers, {len(plan.shard_files)} shard(s); "
+        f"read {_size(plan.read_bytes)}, write {_size(plan.write_bytes)}"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"

@@ -1,0 +1,123 @@
+"""Recipe checks that need the method registry; run when a recipe is validated.
+
+Each check raises ValueError whose text starts with the YAML path of the field.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergekit.errors import MergeError
+from mergekit.refs import parse_model_reference
+
+if TYPE_CHECKING:
+    from mergekit.config import MergeConfiguration, Parameters
+    from mergekit.methods.registry import Method
+
+
+def check_recipe(cfg: MergeConfiguration) -> None:
+    from mergekit.methods.registry import get_method
+
+    try:
+        method = get_method(cfg.merge_method)
+    except MergeError as exc:
+        raise ValueError(str(exc)) from None
+
+    if (cfg.models is None) == (cfg.slices is None):
+        raise ValueError("give exactly one of 'models' or 'slices'")
+    if cfg.models is not None and not cfg.models:
+        raise ValueError("models: the list is empty")
+    if cfg.slices is not None and not cfg.slices:
+        raise ValueError("slices: the list is empty")
+    if cfg.tokenizer is not None:
+        raise ValueError(
+            "tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base "
+            "or a model reference"
+        )
+    if cfg.tokenizer_source == "union":
+        raise ValueError(
+            "tokenizer_source: 'union' is not supported yet; use 'base' or a model reference"
+        )
+    if cfg.tokenizer_source not in (None, "base"):
+        try:
+            parse_model_reference(cfg.tokenizer_source)
+        except ValueError as exc:
+            raise ValueError(f"tokenizer_source: {exc}") from None
+    if cfg.tokenizer_source == "base" and cfg.base_model is None:
+        raise ValueError("tokenizer_source: 'base' needs a base_model; set one or name a model")
+
+    check_chat_template(cfg.chat_template)
+    _check_params(method, cfg.parameters, "parameters")
+    for key, params in (cfg.input_model_parameters or {}).items():
+        try:
+            parse_model_reference(key)
+        except ValueError as exc:
+            raise ValueError(f"input_model_parameters.{key}: {exc}") from None
+        _check_params(method, params, f"input_model_parameters.{key}")
+
+    if cfg.models is not None:
+        for i, m in enumerate(cfg.models):
+            _check_params(method, m.parameters, f"models[{i}].parameters")
+        _check_base_and_count(
+            method, cfg.base_model, [m.model for m in cfg.models], "models", "base_model"
+        )
+    else:
+        for i, s in enumerate(cfg.slices or []):
+            _check_params(method, s.parameters, f"slices[{i}].parameters")
+            for j, src in enumerate(s.sources):
+                _check_params(method, src.parameters, f"slices[{i}].sources[{j}].parameters")
+            base = s.base_model or cfg.base_model
+            _check_base_and_count(
+                method, base, [src.model for src in s.sources], f"slices[{i}].sources",
+                f"slices[{i}].base_model",
+            )
+            if base is not None and method.base != "unused":
+                if base not in [src.model for src in s.sources]:
+                    raise ValueError(
+                        f"slices[{i}].sources: the base model {base} is not among the sources; "
+                        "add it with a layer_range"
+                    )
+
+
+def _check_params(method: Method, params: Parameters | None, where: str) -> None:
+    known = {p.name for p in method.params}
+    for name in params or {}:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"{where}.{name}: '{method.name}' has no parameter {name!r}; {hint}"
+                f"(its parameters: {', '.join(sorted(known)) or 'none'})"
+            )
+
+
+def _check_base_and_count(
+    method: Method, base: object, refs: list, where: str, base_where: str
+) -> None:
+    if method.base == "required" and base is None:
+        raise ValueError(f"{base_where}: '{method.name}' needs a base_model; set base_model")
+    n = len([r for r in refs if method.base == "unused" or r != base])
+    if n < method.min_models:
+        raise ValueError(
+            f"{where}: '{method.name}' needs at least {method.min_models} model(s) besides the "
+            f"base, got {n}"
+        )
+    if method.max_models is not None and n > method.max_models:
+        extra = " besides the base" if method.base != "unused" else ""
+        raise ValueError(
+            f"{where}: '{method.name}' takes at most {method.max_models} model(s){extra}, got {n}"
+        )
+
+
+def check_chat_template(value: str | None) -> None:
+    from mergekit.chat_templates import BUILTIN_TEMPLATES, is_literal_template
+
+    if value is None or value == "auto" or is_literal_template(value):
+        return
+    if value not in BUILTIN_TEMPLATES:
+        raise ValueError(
+            f"chat_template: unknown template {value!r}; use a Jinja template or one of: "
+            f"auto, {', '.join(BUILTIN_TEMPLATES)}"
+        )

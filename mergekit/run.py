@@ -1,0 +1,187 @@
+"""Execute a merge plan: read inputs, apply the method, stream outputs to disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergekit.config import MergeConfiguration
+from mergekit.errors import usage_error
+from mergekit.io import artifacts, output_folder
+from mergekit.io.dtypes import torch_dtype
+from mergekit.io.model import ModelSource, open_model
+from mergekit.io.safetensors_file import SafetensorsReader
+from mergekit.io.writer import ShardEntry, ShardWriter, write_index
+from mergekit.methods.registry import Method, get_method
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
+from mergekit.refs import ModelReference, parse_model_reference
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("mergekit")
+
+
+def run_merge(
+    config: MergeConfiguration, out_path: str | Path, options: MergeOptions | None = None
+) -> MergePlan:
+    """Merge as the recipe says into ``out_path``; returns the plan it executed."""
+    options = options or MergeOptions()
+    out = Path(out_path)
+    reader = SafetensorsReader()
+    try:
+        sources = {
+            str(ref): open_model(ref, reader, options.transformers_cache)
+            for ref in config.referenced_models()
+        }
+        plan = build_plan(config, sources, options.out_shard_size, options.allow_crimes)
+        for warning in plan.warnings:
+            log.warning(warning)
+        if options.dry_run:
+            print(format_plan(plan))
+            return plan
+        output_folder.check_output(
+            out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
+        )
+        tmp = output_folder.make_temp(out)
+        try:
+            _write_weights(plan, sources, tmp, options)
+            _write_artifacts(config, plan, sources, tmp, out, options)
+            output_folder.move_into_place(tmp, out)
+        except BaseException:
+            output_folder.discard(tmp)
+            raise
+    finally:
+        reader.close()
+    if not options.quiet:
+        log.info("merged %d tensors into %s", len(plan.jobs), out)
+    return plan
+
+
+def _device(options: MergeOptions) -> torch.device:
+    import torch
+
+    device = torch.device(options.torch_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise usage_error("--cuda", "no CUDA device is available", "run without --cuda")
+    return device
+
+
+def _write_weights(
+    plan: MergePlan, sources: Mapping[str, ModelSource], tmp: Path, options: MergeOptions
+) -> None:
+    from tqdm import tqdm
+
+    device = _device(options)
+    method = get_method(plan.method)
+    weight_map: dict[str, str] = {}
+    by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
+    for job in plan.jobs:
+        by_shard[job.shard].append(job)
+    with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
+              disable=options.quiet, dynamic_ncols=True) as bar:
+        for filename, jobs in zip(plan.shard_files, by_shard):
+            entries = [ShardEntry(j.output_name, j.dtype, j.shape) for j in jobs]
+            writer = ShardWriter(tmp / filename, entries)
+            try:
+                for job in jobs:
+                    writer.add(job.output_name, execute_job(job, method, sources, device))
+                    weight_map[job.output_name] = filename
+                    bar.update(job.nbytes)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+    if len(plan.shard_files) > 1:
+        write_index(tmp, weight_map, plan.write_bytes)
+
+
+def execute_job(
+    job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device
+) -> torch.Tensor:
+    """Read one job's inputs, merge them in float32 and cast to the output dtype."""
+    import torch
+
+    out_dtype = torch_dtype(job.dtype)
+    if not job.compute:
+        ref = job.base or job.inputs[0]
+        return _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
+
+    def load(model: str, name: str) -> torch.Tensor:
+        t = sources[model].read(name)
+        return t.to(device=device, dtype=torch.float32, non_blocking=True)
+
+    base = load(job.base.model, job.base.name) if job.base else None
+    base = _fit(base, job.shape, None) if base is not None else None
+    tensors = [_fit(load(r.model, r.name), job.shape, base) for r in job.inputs]
+    result = method.fn(tensors, base, method.make_params(dict(job.params)))
+    if tuple(result.shape) != job.shape:
+        raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
+                           f"for {job.output_name}, expected {job.shape}")
+    return result.to(device="cpu", dtype=out_dtype)
+
+
+def _fit(x: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor | None) -> torch.Tensor:
+    """Crop ``x`` to ``shape``; rows it lacks are taken from ``base`` (vocab mismatch)."""
+    if tuple(x.shape) == shape:
+        return x
+    crop = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, shape))]
+    if tuple(crop.shape) == shape:
+        return crop
+    if base is None:
+        raise RuntimeError(f"internal: cannot fit shape {tuple(x.shape)} to {shape}")
+    out = base.clone()
+    out[tuple(slice(0, d) for d in crop.shape)] = crop
+    return out
+
+
+def _write_artifacts(
+    config: MergeConfiguration,
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    tmp: Path,
+    out: Path,
+    options: MergeOptions,
+) -> None:
+    from mergekit.io.card import model_card
+
+    main = sources[plan.config_model]
+    out_config = artifacts.output_config(sources, plan)
+    (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    if (main.folder / "generation_config.json").is_file():
+        shutil.copyfile(main.folder / "generation_config.json", tmp / "generation_config.json")
+    if options.copy_tokenizer:
+        folder = _tokenizer_folder(config, plan, sources, options)
+        if not artifacts.copy_tokenizer(folder, tmp):
+            log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)
+    if config.chat_template:
+        artifacts.apply_chat_template(tmp, config.chat_template, list(sources.values()))
+    (tmp / output_folder.MARKER).write_text(config.to_yaml())
+    if options.write_model_card:
+        (tmp / "README.md").write_text(model_card(config, out.name))
+
+
+def _tokenizer_folder(
+    config: MergeConfiguration,
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    options: MergeOptions,
+) -> Path:
+    choice = config.tokenizer_source
+    if choice is None:
+        return sources[plan.config_model].folder
+    ref: ModelReference = config.base_model if choice == "base" else parse_model_reference(
+        choice)  # type: ignore[assignment]
+    if str(ref) in sources:
+        return sources[str(ref)].folder
+    if ref.is_local:
+        return Path(ref.path)
+    from mergekit.io import hub
+
+    return hub.fetch_small_files(ref, options.transformers_cache)
+
