@@ -62,3 +62,7 @@ def mergekit_yaml(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared builders of tiny random transformers models (session-scoped, built in-process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+
+
+def build_llama(path: Path, seed: int, layers: int = 4, vocab: int = 64, tied: bool = False,
+                dtype: torch.dtype = torch.float32, safe: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=tied,
+                      **TINY)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path, safe_serialization=safe)
+    return path
+
+
+def build_gpt2(path: Path, seed: int, layers: int = 3, vocab: int = 64) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=layers, n_head=2)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def build_neox(path: Path, seed: int, layers: int = 3, vocab: int = 64) -> Path:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=layers, num_attention_heads=2,
+                        max_position_embeddings=32)
+    GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three tiny Llama models (4 layers, vocab 64, untied head), float32."""
+    root = tmp_path_factory.mktemp("llama")
+    return [build_llama(root / name, seed) for seed, name in enumerate("abc")]
+
+
+@pytest.fixture(scope="session")
+def gpt2_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny GPT-2 models (3 layers, tied head)."""
+    root = tmp_path_factory.mktemp("gpt2")
+    return [build_gpt2(root / name, 10 + seed) for seed, name in enumerate("ab")]
+
+
+@pytest.fixture(scope="session")
+def neox_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny GPT-NeoX models (3 layers, untied embed_out)."""
+    root = tmp_path_factory.mktemp("neox")
+    return [build_neox(root / name, 20 + seed) for seed, name in enumerate("ab")]
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder (safetensors or .bin), read with the reference libraries."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    for f in sorted(Path(folder).glob("*.bin")):
+        state.update(torch.load(f, weights_only=True))
+    return state
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mergekit.cli.<cmd>``-style entry points in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *[str(a) for a in args]], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def merge(tmp_path: Path) -> Callable[..., Path]:
+    """merge(recipe_dict, **options) -> output folder, through the Python API."""
+    from mergekit import MergeOptions, run_merge
+    from mergekit.config import parse_config
+
+    counter = iter(range(1000))
+
+    def do(recipe: dict, **options: object) -> Path:
+        out = tmp_path / f"out{next(counter)}"
+        run_merge(parse_config(recipe), out, MergeOptions(quiet=True, **options))
+        return out
+
+    return do
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
