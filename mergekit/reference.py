@@ -1,0 +1,113 @@
+"""Reference text generated from the code: the method table and the recipe fields.
+
+The README's tables are this module's output (a test keeps them current), so the
+parameter declarations next to each method are the only place they are written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from mergekit.methods.registry import Method, all_methods
+
+BASE_WORDS = {"required": "required", "optional": "optional", "unused": "not used"}
+
+
+def _default(p: Any) -> str:
+    if p.required:
+        return "required"
+    return "`" + str(p.default).lower() + "`" if isinstance(p.default, bool) else f"`{p.default}`"
+
+
+def method_table() -> str:
+    rows = [
+        "| method | name | base model | parameters (default) |",
+        "|---|---|---|---|",
+    ]
+    for m in all_methods().values():
+        params = "; ".join(
+            f"`{p.name}`{' (per model)' if p.per_model else ''} = {_default(p)}"
+            for p in m.params
+        )
+        name = f"[{m.display_name}]({m.reference})" if m.reference else m.display_name
+        rows.append(f"| `{m.name}` | {name} | {BASE_WORDS[m.base]} | {params or '–'} |")
+    return "\n".join(rows)
+
+
+def method_details(m: Method) -> str:
+    lines = [f"{m.name}: {m.display_name}" + (f"  <{m.reference}>" if m.reference else ""),
+             f"  base model: {BASE_WORDS[m.base]}"]
+    for p in m.params:
+        scope = "per model" if p.per_model else "global"
+        lines.append(f"  {p.name} ({p.kind}, {scope}, {_default(p).strip('`')}): "
+                     f"{p.description}")
+    return "\n".join(lines)
+
+
+def method_listing() -> str:
+    return "\n\n".join(method_details(m) for m in all_methods().values())
+
+
+def recipe_reference() -> str:
+    from mergekit.config import (
+        Conditional,
+        InputModelDefinition,
+        InputSliceDefinition,
+        MergeConfiguration,
+        OutputSliceDefinition,
+    )
+
+    parts = []
+    for title, model in (
+        ("top level", MergeConfiguration),
+        ("`models[*]`", InputModelDefinition),
+        ("`slices[*]`", OutputSliceDefinition),
+        ("`slices[*].sources[*]`", InputSliceDefinition),
+        ("`{filter, value}` entries of a parameter", Conditional),
+    ):
+        parts.append(_fields_table(title, model))
+    return "\n\n".join(parts)
+
+
+def _fields_table(title: str, model: type[BaseModel]) -> str:
+    rows = [f"**{title}**", "", "| field | required | meaning |", "|---|---|---|"]
+    for name, info in model.model_fields.items():
+        rows.append(f"| `{name}` | {'yes' if info.is_required() else 'no'} | "
+                    f"{info.description or ''} |")
+    return "\n".join(rows)
+
+
+GENERATED = {
+    "methods": method_table,
+    "recipe": recipe_reference,
+}
+
+
+def render_block(name: str) -> str:
+    return (f"<!-- generated:{name} (python -m mergekit.reference --write README.md) -->\n"
+            f"{GENERATED[name]()}\n<!-- end:{name} -->")
+
+
+def update_readme(text: str) -> str:
+    """Replace every generated block in the README text with fresh output."""
+    import re
+
+    for name in GENERATED:
+        pattern = re.compile(rf"<!-- generated:{name} .*?<!-- end:{name} -->", re.S)
+        text = pattern.sub(lambda _m, n=name: render_block(n), text)
+    return text
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        path = Path(sys.argv[2])
+        path.write_text(update_readme(path.read_text()))
+    else:
+        print(method_table())
+        print()
+        print(recipe_reference())
