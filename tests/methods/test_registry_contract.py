@@ -1,0 +1,153 @@
+"""The contract every registered merge method keeps; new methods are covered automatically."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mergekit.methods.registry import Method, all_methods
+
+METHODS = all_methods()
+
+# values for required parameters, by name; other required ones get a value by kind
+REQUIRED_VALUES: dict[str, Any] = {"weight": 1.0, "t": 0.5, "density": 1.0}
+KIND_VALUES: dict[str, Any] = {"float": 1.0, "int": 1, "bool": False}
+
+
+def n_inputs(method: Method) -> int:
+    n = max(method.min_models, 2)
+    return min(n, method.max_models) if method.max_models is not None else n
+
+
+def make_params(method: Method, n: int) -> Any:
+    """The params the engine would build: required ones set, per-model ones as n-tuples."""
+    values: dict[str, Any] = {}
+    for spec in method.params:
+        if spec.required:
+            if spec.name in REQUIRED_VALUES:
+                value = REQUIRED_VALUES[spec.name]
+            elif spec.kind in KIND_VALUES:
+                value = KIND_VALUES[spec.kind]
+            else:
+                pytest.fail(f"{method.name}.{spec.name}: add a value for kind {spec.kind!r} "
+                            "to REQUIRED_VALUES")
+        else:
+            value = spec.default
+        values[spec.name] = (value,) * n if spec.per_model else value
+    return method.make_params(values)
+
+
+def call(method: Method, tensors: list[torch.Tensor], base: torch.Tensor | None
+         ) -> torch.Tensor:
+    torch.manual_seed(0)  # random methods: same seed, same bits
+    return method.fn(tensors, base, make_params(method, len(tensors)))
+
+
+def base_choices(method: Method) -> list[bool]:
+    return {"required": [True], "optional": [True, False], "unused": [False]}[method.base]
+
+
+CASES = [
+    pytest.param(m, with_base, id=f"{name}-{'base' if with_base else 'nobase'}")
+    for name, m in METHODS.items()
+    for with_base in base_choices(m)
+]
+SHAPES = [(4, 6), (7,), (2, 3, 5)]
+
+
+def random_inputs(method: Method, with_base: bool, shape: tuple[int, ...], seed: int = 0
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=g) for _ in range(n_inputs(method))]
+    base = torch.randn(shape, generator=g) if with_base else None
+    return tensors, base
+
+
+def test_registry_has_the_core_methods():
+    assert {"linear", "ties", "slerp", "passthrough"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method, with_base", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_identical_inputs_return_that_input(method: Method, with_base: bool,
+                                            shape: tuple[int, ...]):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    tensors = [x.clone() for _ in range(n_inputs(method))]
+    out = call(method, tensors, x.clone() if with_base else None)
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, with_base", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_and_dtype_kept(method: Method, with_base: bool, shape: tuple[int, ...]):
+    tensors, base = random_inputs(method, with_base, shape)
+    out = call(method, tensors, base)
+    assert isinstance(out, torch.Tensor)
+    assert tuple(out.shape) == shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method, with_base", CASES)
+def test_same_inputs_same_bits(method: Method, with_base: bool):
+    tensors, base = random_inputs(method, with_base, (8, 8), seed=1)
+    first = call(method, [t.clone() for t in tensors], None if base is None else base.clone())
+    second = call(method, [t.clone() for t in tensors], None if base is None else base.clone())
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("method, with_base", CASES)
+def test_inputs_not_modified(method: Method, with_base: bool):
+    tensors, base = random_inputs(method, with_base, (5, 3), seed=2)
+    copies = [t.clone() for t in tensors]
+    base_copy = None if base is None else base.clone()
+    call(method, tensors, base)
+    for t, c in zip(tensors, copies):
+        assert torch.equal(t, c)
+    if base is not None:
+        assert torch.equal(base, base_copy)
+
+
+ZERO_CASES = [
+    pytest.param(*case.values, which, id=f"{case.id}-zero-{which}")
+    for case in CASES
+    for which in ("all", "inputs", "base")
+    if which != "base" or case.values[1]
+]
+
+
+@pytest.mark.parametrize("method, with_base, which", ZERO_CASES)
+def test_zero_norm_inputs_give_no_nan(method: Method, with_base: bool, which: str):
+    tensors, base = random_inputs(method, with_base, (3, 4), seed=3)
+    if which in ("all", "inputs"):
+        tensors = [torch.zeros_like(t) for t in tensors]
+    if which in ("all", "base") and base is not None:
+        base = torch.zeros_like(base)
+    out = call(method, tensors, base)
+    assert torch.isfinite(out).all()
+    if which == "all":
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_docstring_display_name_and_param_descriptions(name: str):
+    method = METHODS[name]
+    doc = method.fn.__doc__
+    assert doc and doc.strip(), f"{name}: the function needs a docstring"
+    first = doc.strip().splitlines()[0].strip()
+    assert first and method.display_name == first
+    assert method.reference == "" or method.reference.startswith("http")
+    for spec in method.params:
+        assert spec.description.strip(), f"{name}.{spec.name} has no description"
+        assert spec.name == spec.name.strip() and spec.name.isidentifier()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_registration_is_consistent(name: str):
+    method = METHODS[name]
+    assert method.name == name
+    assert method.base in ("required", "optional", "unused")
+    assert method.min_models >= 1
+    assert method.max_models is None or method.max_models >= method.min_models
