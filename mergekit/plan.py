@@ -89,8 +89,10 @@ class _Planner:
         sources: Mapping[str, ModelSource],
         shard_bytes: int,
         allow_crimes: bool,
+        random_seed: int | None = None,
     ) -> None:
         self.cfg = config
+        self.random_seed = random_seed
         self.sources = sources
         self.shard_bytes = shard_bytes
         self.method: Method = get_method(config.merge_method)
@@ -185,6 +187,8 @@ class _Planner:
                     raise usage_error(
                         "parameters", f"'{self.method.name}' needs {spec.name!r} (tensor {tensor}) "
                         "and none is set", f"set {spec.name} under parameters")
+        if self.method.random:
+            values["seed"] = tensor_seed(self.random_seed, tensor)
         try:
             params = self.method.make_params(values)
         except ValidationError as exc:
@@ -337,8 +341,18 @@ def build_plan(
     sources: Mapping[str, ModelSource],
     shard_bytes: int = 5 * 1000**3,
     allow_crimes: bool = False,
+    random_seed: int | None = None,
 ) -> MergePlan:
-    return _Planner(config, sources, shard_bytes, allow_crimes).build()
+    return _Planner(config, sources, shard_bytes, allow_crimes, random_seed).build()
+
+
+def tensor_seed(random_seed: int | None, tensor: str) -> int:
+    """The random stream of one output tensor: derived from the run's seed (0 when unset)
+    and the tensor's name, so results depend on neither tensor order nor device."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{random_seed or 0}:{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def format_plan(plan: MergePlan) -> str:

@@ -39,7 +39,8 @@ def run_merge(
             str(ref): open_model(ref, reader, options.transformers_cache)
             for ref in config.referenced_models()
         }
-        plan = build_plan(config, sources, options.out_shard_size, options.allow_crimes)
+        plan = build_plan(config, sources, options.out_shard_size, options.allow_crimes,
+                          options.random_seed)
         for warning in plan.warnings:
             log.warning(warning)
         if options.dry_run:

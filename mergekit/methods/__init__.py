@@ -1,3 +1,16 @@
-"""Merge methods, one module each; importing this package registers them all."""
+"""Merge methods, one module each (or per family); importing this package registers them."""
 
-from mergekit.methods import linear, passthrough, slerp, ties  # noqa: F401
+from mergekit.methods import (  # noqa: F401
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 from mergekit.errors import usage_error
@@ -37,6 +37,20 @@ class MethodParams(BaseModel):
     """Base class of every method's parameter model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RandomParams(MethodParams):
+    """Base class of the parameters of methods that draw at random."""
+
+    seed: int = Field(
+        0, description="set by the engine from --random-seed and the tensor name",
+        json_schema_extra={"internal": True},
+    )
+
+
+def is_internal(info: FieldInfo) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("internal"))
 
 
 BaseUse = Literal["required", "optional", "unused"]
@@ -79,7 +93,11 @@ class Method:
 
     @property
     def params(self) -> list[ParamSpec]:
-        return [_spec(attr, info) for attr, info in self.params_model.model_fields.items()]
+        return [
+            _spec(attr, info)
+            for attr, info in self.params_model.model_fields.items()
+            if not is_internal(info)
+        ]
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

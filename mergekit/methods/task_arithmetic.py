@@ -1,0 +1,399 @@
+"""The task-arithmetic family: merge task vectors (model - base) after optional
+sparsification, sign consensus and rescaling. Every method of the family is a choice of
+steps from this file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from mergekit.methods.registry import MethodParams, PerModelFloat, RandomParams, register
+
+if TYPE_CHECKING:
+    import torch
+
+RescaleMode = Literal["l1", "inverse_density"]
+Consensus = Literal["sum", "count"]
+
+
+# -- parameters ----------------------------------------------------------------------
+
+
+def _weight() -> object:
+    return Field(description="weight of this model's task vector")
+
+
+def _density() -> object:
+    return Field(1.0, description="fraction of each task vector's entries kept")
+
+
+def _lambda() -> object:
+    return Field(1.0, alias="lambda", description="scale of the merged task vector")
+
+
+def _int8_mask() -> object:
+    return Field(False, description="store masks as int8 (accepted; no effect on results)")
+
+
+def _check_density(densities: Sequence[float]) -> None:
+    for d in densities:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"density {d} is outside [0, 1]")
+
+
+class TaskArithmeticParams(MethodParams):
+    weight: PerModelFloat = _weight()
+    normalize: bool = Field(False, description="divide by the sum of the weights")
+    lambda_: float = _lambda()
+    int8_mask: bool = _int8_mask()
+
+
+def _consensus() -> object:
+    return Field(
+        "sum", description="sign election: sign of the weighted sum, or the majority of signs"
+    )
+
+
+class TiesParams(MethodParams):
+    weight: PerModelFloat = _weight()
+    density: PerModelFloat = _density()
+    normalize: bool = Field(
+        True, description="divide by the summed weights of the models that agree on the sign"
+    )
+    lambda_: float = _lambda()
+    int8_mask: bool = _int8_mask()
+    consensus: Consensus = _consensus()
+
+    @model_validator(mode="after")
+    def _densities(self) -> TiesParams:
+        _check_density(self.density)
+        return self
+
+
+class DareParams(RandomParams):
+    weight: PerModelFloat = _weight()
+    density: PerModelFloat = _density()
+    normalize: bool = Field(False, description="divide by the summed weights")
+    rescale: bool = Field(True, description="rescale the kept entries after dropping")
+    rescale_mode: RescaleMode = Field(
+        "l1", description="l1: keep each task vector's L1 norm; inverse_density: divide by "
+        "the keep probability (the DARE paper)")
+    lambda_: float = _lambda()
+    int8_mask: bool = _int8_mask()
+
+    @model_validator(mode="after")
+    def _densities(self) -> DareParams:
+        _check_density(self.density)
+        return self
+
+
+class DareTiesParams(DareParams):
+    consensus: Consensus = _consensus()
+
+
+class BreadcrumbsParams(MethodParams):
+    weight: PerModelFloat = _weight()
+    density: PerModelFloat = _density()
+    gamma: float = Field(0.01, description="fraction of largest-magnitude entries dropped")
+    normalize: bool = Field(False, description="divide by the summed weights")
+    rescale: bool = Field(False, description="rescale the kept entries to the task vector's "
+                          "L1 norm")
+    lambda_: float = _lambda()
+    int8_mask: bool = _int8_mask()
+
+    @model_validator(mode="after")
+    def _gamma(self) -> BreadcrumbsParams:
+        _check_density(self.density)
+        if not 0.0 <= self.gamma < 1.0:
+            raise ValueError(f"gamma {self.gamma} is outside [0, 1)")
+        return self
+
+
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    consensus: Consensus = _consensus()
+
+
+class DellaLinearParams(DareParams):
+    epsilon: float = Field(0.15, description="spread of keep probabilities around density")
+
+    @model_validator(mode="after")
+    def _epsilon(self) -> DellaLinearParams:
+        for d in self.density:
+            # density 1 keeps everything (no sampling), as for every sparsifier
+            if d < 1.0 and not (0.0 < d - self.epsilon and d + self.epsilon < 1.0):
+                raise ValueError(
+                    f"density {d} ± epsilon {self.epsilon} must stay inside (0, 1)")
+        return self
+
+
+class DellaParams(DellaLinearParams):
+    normalize: bool = Field(True, description="divide by the summed weights")
+    consensus: Consensus = _consensus()
+
+
+# -- sparsification ------------------------------------------------------------------
+
+
+def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the int(density * numel) entries of largest magnitude."""
+    import torch
+
+    if density >= 1.0:
+        return delta
+    flat = delta.reshape(-1)
+    k = int(density * flat.numel())
+    if k <= 0:
+        return torch.zeros_like(delta)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
+    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def keep_random(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (rescaling is done later)."""
+    import torch
+
+    if density >= 1.0:
+        return delta
+    draw = torch.rand(delta.shape, generator=gen, dtype=torch.float32)
+    return delta * (draw < density).to(device=delta.device)
+
+
+def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the largest ``gamma`` fraction, keep the next ``density`` fraction.
+
+    The kept count is int(density * numel) whatever the size, so a tensor too small to
+    drop any outlier still keeps its share.
+    """
+    import torch
+
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    keep_count = int(density * n)
+    drop_top = min(int(gamma * n), n - keep_count)
+    if keep_count >= n:
+        return delta
+    if keep_count <= 0:
+        return torch.zeros_like(delta)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[order[drop_top:drop_top + keep_count]] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per row, keep probability (density - eps) + 2 eps * (magnitude rank in [0, 1])."""
+    import torch
+
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
+    n = rows.shape[-1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1)
+    position = ranks.to(delta.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    return ((density - epsilon) + 2.0 * epsilon * position).reshape(delta.shape)
+
+
+def keep_della(
+    delta: torch.Tensor, density: float, epsilon: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA: keep each entry with its rank-based probability; returns (kept, probs)."""
+    import torch
+
+    probs = della_probabilities(delta, density, epsilon)
+    draw = torch.rand(delta.shape, generator=gen, dtype=torch.float32).to(delta.device)
+    return delta * (draw < probs), probs
+
+
+def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale ``kept`` so its L1 norm equals the original's (no-op when nothing is kept)."""
+    before = float(original.abs().sum())
+    after = float(kept.abs().sum())
+    return kept * (before / after) if after > 0 else kept
+
+
+# -- merging -------------------------------------------------------------------------
+
+
+def elect_sign_mask(weighted: torch.Tensor, consensus: str) -> torch.Tensor:
+    """Mask of entries whose sign agrees with the elected sign.
+
+    ``weighted``: (n_models, ...) weighted task vectors. Zero entries never agree.
+    """
+    import torch
+
+    signs = torch.sign(weighted)
+    votes = weighted.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+    return signs == elected
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """base + lambda * (sum of weighted, optionally sign-agreeing deltas [/ their weights])."""
+    import torch
+
+    stacked = torch.stack(deltas)  # (n_models, *shape)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * base.dim()))
+    weighted = stacked * w
+    if consensus is not None:
+        agree = elect_sign_mask(weighted, consensus)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0).expand_as(mixed)
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return base + lambda_ * mixed
+
+
+def generator(seed: int) -> torch.Generator:
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+# -- the methods -----------------------------------------------------------------------
+
+
+@register("task_arithmetic", TaskArithmeticParams, base="required", shape_policy="base")
+def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None,
+                    params: TaskArithmeticParams):
+    """Task Arithmetic
+
+    https://arxiv.org/abs/2212.04089
+    """
+    assert base is not None
+    return combine(base, [x - base for x in tensors], params.weight, consensus=None,
+                   normalize=params.normalize, lambda_=params.lambda_)
+
+
+@register("ties", TiesParams, base="required", shape_policy="base")
+def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesParams):
+    """TIES
+
+    https://arxiv.org/abs/2306.01708
+    """
+    assert base is not None
+    deltas = [keep_top_magnitude(x - base, d) for x, d in zip(tensors, params.density)]
+    return combine(base, deltas, params.weight, consensus=params.consensus,
+                   normalize=params.normalize, lambda_=params.lambda_)
+
+
+def _rescaled(delta: torch.Tensor, kept: torch.Tensor, probs: torch.Tensor | float,
+              params: DareParams | BreadcrumbsParams) -> torch.Tensor:
+    import torch
+
+    if not params.rescale:
+        return kept
+    if getattr(params, "rescale_mode", "l1") == "l1":
+        return rescale_l1(delta, kept)
+    if isinstance(probs, float):
+        return kept / probs if probs > 0 else kept
+    return kept / torch.where(probs > 0, probs, 1.0)
+
+
+def _sparse_merge(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: DareParams | BreadcrumbsParams,
+    sparsify: Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor | float]],
+    consensus: str | None,
+) -> torch.Tensor:
+    assert base is not None
+    deltas = []
+    for x, density in zip(tensors, params.density):
+        delta = x - base
+        if density >= 1.0:
+            deltas.append(delta)
+            continue
+        kept, probs = sparsify(delta, density)
+        deltas.append(_rescaled(delta, kept, probs, params))
+    return combine(base, deltas, params.weight, consensus=consensus,
+                   normalize=params.normalize, lambda_=params.lambda_)
+
+
+def _dare(tensors: list[torch.Tensor], base: torch.Tensor | None,
+          params: DareParams, consensus: str | None) -> torch.Tensor:
+    gen = generator(params.seed)
+    return _sparse_merge(tensors, base, params,
+                         lambda d, p: (keep_random(d, p, gen), p), consensus)
+
+
+@register("dare_linear", DareParams, base="required", shape_policy="base", random=True)
+def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DareParams):
+    """DARE (linear)
+
+    https://arxiv.org/abs/2311.03099
+    """
+    return _dare(tensors, base, params, None)
+
+
+@register("dare_ties", DareTiesParams, base="required", shape_policy="base", random=True)
+def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DareTiesParams):
+    """DARE (with TIES sign consensus)
+
+    https://arxiv.org/abs/2311.03099
+    """
+    return _dare(tensors, base, params, params.consensus)
+
+
+def _breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None,
+                 params: BreadcrumbsParams, consensus: str | None) -> torch.Tensor:
+    return _sparse_merge(tensors, base, params,
+                         lambda d, p: (keep_magnitude_band(d, p, params.gamma), p), consensus)
+
+
+@register("breadcrumbs", BreadcrumbsParams, base="required", shape_policy="base")
+def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None,
+                params: BreadcrumbsParams):
+    """Model Breadcrumbs
+
+    https://arxiv.org/abs/2312.06795
+    """
+    return _breadcrumbs(tensors, base, params, None)
+
+
+@register("breadcrumbs_ties", BreadcrumbsTiesParams, base="required", shape_policy="base")
+def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor | None,
+                     params: BreadcrumbsTiesParams):
+    """Model Breadcrumbs (with TIES sign consensus)
+
+    https://arxiv.org/abs/2312.06795
+    """
+    return _breadcrumbs(tensors, base, params, params.consensus)
+
+
+def _della(tensors: list[torch.Tensor], base: torch.Tensor | None,
+           params: DellaLinearParams, consensus: str | None) -> torch.Tensor:
+    gen = generator(params.seed)
+    return _sparse_merge(tensors, base, params,
+                         lambda d, p: keep_della(d, p, params.epsilon, gen), consensus)
+
+
+@register("della", DellaParams, base="required", shape_policy="base", random=True)
+def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DellaParams):
+    """DELLA (with TIES sign consensus)
+
+    https://arxiv.org/abs/2406.11617
+    """
+    return _della(tensors, base, params, params.consensus)
+
+
+@register("della_linear", DellaLinearParams, base="required", shape_policy="base", random=True)
+def della_linear(tensors: list[torch.Tensor], base: torch.Tensor | None,
+                 params: DellaLinearParams):
+    """DELLA (linear)
+
+    https://arxiv.org/abs/2406.11617
+    """
+    return _della(tensors, base, params, None)
