@@ -24,7 +24,10 @@ def build_llama(path: Path, seed: int, layers: int = 4, vocab: int = 64, tied: b
     cfg = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=tied,
                       **TINY)
     model = LlamaForCausalLM(cfg).to(dtype)
-    model.save_pretrained(path, safe_serialization=safe)
+    model.save_pretrained(path)
+    if not safe:  # transformers 5 always writes safetensors: convert to a pickled checkpoint
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     return path
 
 

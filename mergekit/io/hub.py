@@ -20,7 +20,7 @@ def fetch_small_files(ref: ModelReference, cache_dir: str | None) -> Path:
             ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES
         )
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear message
-        raise _hub_error(ref, None, exc) from None
+        raise _hub_error(ref, None, exc, cache_dir) from None
     return Path(folder)
 
 
@@ -38,7 +38,7 @@ def fetch_file(ref: ModelReference, filename: str, cache_dir: str | None) -> Pat
     except Exception as exc:  # noqa: BLE001
         if _offline_missing(exc):
             return None
-        raise _hub_error(ref, filename, exc) from None
+        raise _hub_error(ref, filename, exc, cache_dir) from None
 
 
 def _offline_missing(exc: Exception) -> bool:
@@ -47,7 +47,9 @@ def _offline_missing(exc: Exception) -> bool:
     return isinstance(exc, LocalEntryNotFoundError)
 
 
-def _hub_error(ref: ModelReference, filename: str | None, exc: Exception) -> MergeError:
+def _hub_error(
+    ref: ModelReference, filename: str | None, exc: Exception, cache_dir: str | None
+) -> MergeError:
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -69,6 +71,6 @@ def _hub_error(ref: ModelReference, filename: str | None, exc: Exception) -> Mer
         mode = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "no connection"
         return usage_error(
             what, f"not a local folder and not in the hub cache ({mode})",
-            f"check the path, or download it first (cache: {constants.HF_HUB_CACHE})")
+            f"check the path, or download it first (cache: {cache_dir or constants.HF_HUB_CACHE})")
     return merge_failure(what, f"hub download failed ({type(exc).__name__}: {exc})",
                          "check the connection and try again")

@@ -48,7 +48,11 @@ class ShardWriter:
         self.path = path
         self._entries = entries
         self._next = 0
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        try:
+            self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        except OSError as exc:
+            raise merge_failure(str(path), f"cannot create ({exc.strerror})",
+                                "check the output folder's permissions and free space") from None
         self._write(shard_header(entries))
 
     def _write(self, data: bytes | memoryview) -> None:

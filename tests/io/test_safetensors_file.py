@@ -1,0 +1,234 @@
+"""read_header and SafetensorsReader: files from the safetensors library read back bit for bit,
+one tensor costs only its own bytes, and damaged or hostile files are refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergekit.errors import MergeError
+from mergekit.io.safetensors_file import SafetensorsReader, read_header
+
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 3).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000) + 1, shape, generator=g,
+                         dtype=torch.int64).to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bytes(a.contiguous().reshape(-1).view(torch.uint8).numpy()) == bytes(
+        b.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+@pytest.fixture
+def library_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for i, dtype in enumerate(DTYPE_CODES):
+        tensors[f"t.{DTYPE_CODES[dtype].lower()}"] = sample(dtype, (3, 5), i)
+    tensors["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
+    tensors["empty"] = torch.zeros((0, 4), dtype=torch.float32)
+    tensors["vector"] = sample(torch.float32, (7,), 99)
+    path = tmp_path / "lib.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, tensors
+
+
+def test_header_matches_library_file(library_file):
+    path, tensors = library_file
+    infos = read_header(path)
+    assert set(infos) == set(tensors)
+    size = path.stat().st_size
+    for name, t in tensors.items():
+        info = infos[name]
+        assert info.dtype == DTYPE_CODES[t.dtype]
+        assert info.shape == tuple(t.shape)
+        assert info.nbytes == t.numel() * t.element_size()
+        assert 8 <= info.start <= info.end <= size
+        assert info.file == path
+
+
+def test_reader_returns_equal_tensors_for_every_dtype(library_file):
+    path, tensors = library_file
+    infos = read_header(path)
+    reader = SafetensorsReader()
+    try:
+        for name, t in tensors.items():
+            got = reader.read(infos[name])
+            assert same_bits(got, t), name
+    finally:
+        reader.close()
+
+
+def test_zero_dim_and_empty_tensors(library_file):
+    path, tensors = library_file
+    infos = read_header(path)
+    reader = SafetensorsReader()
+    try:
+        scalar = reader.read(infos["scalar"])
+        assert scalar.shape == () and scalar.dtype == torch.bfloat16 and scalar.item() == 2.5
+        empty = reader.read(infos["empty"])
+        assert empty.shape == (0, 4) and empty.dtype == torch.float32
+    finally:
+        reader.close()
+
+
+def test_reading_one_tensor_reads_only_its_bytes(tmp_path, monkeypatch):
+    big = {f"w{i}": torch.full((256, 256), float(i)) for i in range(4)}  # 256 KiB each
+    path = tmp_path / "big.safetensors"
+    save_file(big, str(path))
+    infos = read_header(path)
+    calls: list[tuple[int, int]] = []
+    real_preadv = os.preadv
+
+    def recording_preadv(fd: int, buffers: list, offset: int) -> int:
+        calls.append((sum(len(b) for b in buffers), offset))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", recording_preadv)
+    reader = SafetensorsReader()
+    try:
+        got = reader.read(infos["w2"])
+    finally:
+        reader.close()
+    assert torch.equal(got, big["w2"])
+    # compute the byte range independently from the raw header
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8:8 + n])["w2"]["data_offsets"]
+    assert calls, "the reader did not use preadv"
+    for length, offset in calls:
+        assert 8 + n + begin <= offset and offset + length <= 8 + n + end
+    assert sum(length for length, _ in calls) == end - begin
+
+
+def test_reader_reports_file_shrunk_after_header(tmp_path):
+    path = tmp_path / "shrinks.safetensors"
+    save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(path))
+    infos = read_header(path)
+    with open(path, "r+b") as f:
+        f.truncate(infos["b"].start + 10)
+    reader = SafetensorsReader()
+    try:
+        with pytest.raises(MergeError, match="shrinks.safetensors"):
+            reader.read(infos["b"])
+    finally:
+        reader.close()
+
+
+# ---- hostile and damaged files ----------------------------------------------------------
+
+
+def write_raw(path: Path, header: dict | bytes, data: bytes, length: int | None = None) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+HOSTILE = {
+    "overlap": ({"a": entry("F32", [4], 0, 16), "b": entry("F32", [4], 8, 24)}, 24),
+    "hole": ({"a": entry("F32", [4], 0, 16), "b": entry("F32", [4], 20, 36)}, 36),
+    "past_end": ({"a": entry("F32", [4], 0, 16), "b": entry("F32", [4], 16, 32)}, 20),
+    "unknown_dtype": ({"a": entry("X99", [4], 0, 16)}, 16),
+    "shape_vs_range": ({"a": entry("F32", [5], 0, 16)}, 16),
+    "negative_offsets": ({"a": entry("F32", [0], 16, 0)}, 16),
+    "bad_shape": ({"a": entry("F32", [-4], 0, 16)}, 16),
+    "entry_not_object": ({"a": [1, 2]}, 16),
+    "not_an_object": ([1, 2, 3], 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_header_is_refused_naming_the_file(tmp_path, case):
+    header, data_len = HOSTILE[case]
+    raw = json.dumps(header).encode()
+    path = write_raw(tmp_path / f"{case}.safetensors", raw, b"\0" * data_len)
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_dtype_is_named(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"a": entry("X99", [4], 0, 16)}, b"\0" * 16)
+    with pytest.raises(MergeError, match="X99"):
+        read_header(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x10\x00\x00")
+    with pytest.raises(MergeError, match="short.safetensors"):
+        read_header(path)
+
+
+def test_empty_file_is_refused(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(MergeError, match="empty.safetensors"):
+        read_header(path)
+
+
+def test_library_file_cut_short_is_refused(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"a": torch.ones(100), "b": torch.ones(100)}, str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-50])
+    with pytest.raises(MergeError, match="cut.safetensors"):
+        read_header(path)
+
+
+def test_header_length_larger_than_file(tmp_path):
+    path = write_raw(tmp_path / "long.safetensors", {"a": entry("F32", [1], 0, 4)}, b"\0" * 4,
+                     length=10_000)
+    with pytest.raises(MergeError, match="long.safetensors"):
+        read_header(path)
+
+
+def test_huge_header_length_is_refused_without_allocating(tmp_path):
+    path = write_raw(tmp_path / "huge.safetensors", b"{}", b"", length=2**63)
+    with pytest.raises(MergeError, match="huge.safetensors"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00\x01", b"   "])
+def test_header_not_json(tmp_path, raw):
+    path = write_raw(tmp_path / "garbage.safetensors", raw, b"")
+    with pytest.raises(MergeError, match="garbage.safetensors"):
+        read_header(path)
+
+
+def test_metadata_is_not_a_tensor(tmp_path):
+    header = {"__metadata__": {"format": "pt"}, "a": entry("F32", [2], 0, 8)}
+    path = write_raw(tmp_path / "meta.safetensors", header, struct.pack("<2f", 1.5, -2.0))
+    infos = read_header(path)
+    assert list(infos) == ["a"]
+    reader = SafetensorsReader()
+    try:
+        assert reader.read(infos["a"]).tolist() == [1.5, -2.0]
+    finally:
+        reader.close()
