@@ -1,0 +1,1 @@
+"""Translators from the older command lines and recipe formats to ordinary merge recipes."""

@@ -1,0 +1,78 @@
+"""bakllama layer-recombination files -> a passthrough merge recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Output projections of attention and MLP blocks, by naming convention (Llama-style,
+# GPT-2, GPT-NeoX): the tensors a slice's `scale` multiplies.
+SCALED_TENSORS = ("self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_proj",
+                  "attention.dense", "mlp.dense_4h_to_h")
+
+
+class LayerSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="model to take the layers from")
+    start: int = Field(ge=0, description="first layer taken")
+    end: int = Field(ge=0, description="layer after the last one taken (exclusive)")
+    scale: float | None = Field(None, description="multiplies the slice's attention output "
+                                "and MLP down projections")
+
+
+class BakllamaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer_slices: list[LayerSlice] = Field(min_length=1, description="the layers, in order")
+    embedding_source: str | None = Field(None, description="model giving the embeddings "
+                                         "(default: the first slice's)")
+    lm_head_source: str | None = Field(None, description="model giving the final norm and "
+                                       "output head (default: the last slice's)")
+
+
+def _layer_slice(s: LayerSlice) -> dict[str, Any]:
+    source: dict[str, Any] = {"model": s.model, "layer_range": [s.start, s.end]}
+    if s.scale is not None:
+        source["parameters"] = {"scale": [{"filter": name, "value": s.scale}
+                                          for name in SCALED_TENSORS] + [{"value": 1.0}]}
+    return {"sources": [source]}
+
+
+def bakllama_recipe(cfg: BakllamaConfig, fp16: bool) -> dict[str, Any]:
+    slices = [_layer_slice(s) for s in cfg.layer_slices]
+    # An empty layer range adds no layers; as the first or last slice it only decides
+    # where the embeddings, or the final norm and head, come from.
+    first, last = cfg.layer_slices[0], cfg.layer_slices[-1]
+    if cfg.embedding_source and cfg.embedding_source != first.model:
+        slices.insert(0, {"sources": [{"model": cfg.embedding_source, "layer_range": [0, 0]}]})
+    if cfg.lm_head_source and cfg.lm_head_source != last.model:
+        slices.append({"sources": [{"model": cfg.lm_head_source, "layer_range": [0, 0]}]})
+    recipe: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+    if fp16:
+        recipe["dtype"] = "float16"
+    return recipe
+
+
+def load_bakllama(path: Path, fp16: bool) -> dict[str, Any]:
+    """Read a bakllama file; errors name the file and the field."""
+    import yaml
+    from pydantic import ValidationError
+
+    from mergekit.config import yaml_location
+    from mergekit.errors import usage_error
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise usage_error(str(path), f"cannot read ({exc.strerror})", "check the path") from None
+    except yaml.YAMLError as exc:
+        raise usage_error(str(path), f"malformed YAML ({exc})", "fix the syntax") from None
+    try:
+        cfg = BakllamaConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise usage_error(f"{path}: {yaml_location(err['loc'])}",
+                          err["msg"].removeprefix("Value error, "),
+                          "fix the bakllama file") from None
+    return bakllama_recipe(cfg, fp16)

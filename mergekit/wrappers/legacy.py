@@ -1,0 +1,82 @@
+"""mergekit-legacy flags -> a merge recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergekit.errors import usage_error
+
+
+def _per_model(flag: str, values: list[float], count: int) -> list[float | None]:
+    """One value for all merged models, or one per --merge, in order."""
+    if not values:
+        return [None] * count
+    if len(values) == 1:
+        return values * count
+    if len(values) == count:
+        return list(values)
+    raise usage_error(
+        flag, f"given {len(values)} times for {count} --merge models",
+        f"give it once (for all) or {count} times (once per --merge, in order)")
+
+
+def legacy_recipe(
+    *,
+    base_model: str | None,
+    merges: list[str],
+    weights: list[float],
+    densities: list[float],
+    method: str,
+    normalize: bool,
+    int8_mask: bool,
+    bf16: bool,
+    naive_count: bool,
+) -> dict[str, Any]:
+    from mergekit.methods.registry import get_method
+
+    m = get_method(method, where="--method")
+    if not merges:
+        raise usage_error("--merge", "no model to merge", "give --merge MODEL at least once")
+    names = {p.name for p in m.params}
+    recipe: dict[str, Any] = {"merge_method": method}
+    if base_model:
+        recipe["base_model"] = base_model
+    params: dict[str, Any] = {}
+    if method == "slerp":
+        if len(weights) != 1 or densities:
+            raise usage_error("--weight", "slerp takes exactly one --weight (its t) and no "
+                              "--density", "give --weight T once")
+        if len(merges) != 1 or not base_model:
+            raise usage_error("--merge", "slerp interpolates --base-model and one --merge "
+                              "model", "give --base-model and exactly one --merge")
+        recipe["models"] = [{"model": base_model}, {"model": merges[0]}]
+        params["t"] = weights[0]
+    else:
+        if densities and "density" not in names:
+            raise usage_error("--density", f"method {method!r} takes no density",
+                              "drop --density or choose a sparsifying method such as ties")
+        per_weight = _per_model("--weight", weights, len(merges))
+        per_density = _per_model("--density", densities, len(merges))
+        models = []
+        for model, w, d in zip(merges, per_weight, per_density):
+            p: dict[str, Any] = {}
+            if w is not None:
+                p["weight"] = w
+            if d is not None:
+                p["density"] = d
+            models.append({"model": model, "parameters": p} if p else {"model": model})
+        recipe["models"] = models
+    if "normalize" in names:
+        params["normalize"] = normalize
+    if int8_mask and "int8_mask" in names:
+        params["int8_mask"] = True
+    if naive_count:
+        if "consensus" not in names:
+            raise usage_error("--naive-count", f"method {method!r} elects no sign",
+                              "use it with ties, dare_ties, breadcrumbs_ties or della")
+        params["consensus"] = "count"
+    if params:
+        recipe["parameters"] = params
+    if bf16:
+        recipe["dtype"] = "bfloat16"
+    return recipe
