@@ -182,11 +182,13 @@ def recipe_to_plain(config: MergeConfiguration) -> dict[str, Any]:
         if isinstance(v, ModelReference):
             return str(v)
         if isinstance(v, Conditional):
-            if v.filter is None:
-                return plain(v.value)
+            if v.filter is None:  # inside a list of entries it must stay an entry
+                return {"value": plain(v.value)}
             return {"filter": v.filter, "value": plain(v.value)}
         if isinstance(v, tuple) and v and all(isinstance(c, Conditional) for c in v):
-            return plain(v[0]) if len(v) == 1 and v[0].filter is None else [plain(c) for c in v]
+            if len(v) == 1 and v[0].filter is None:
+                return plain(v[0].value)
+            return [plain(c) for c in v]
         if isinstance(v, BaseModel):
             return {k: plain(x) for k, x in v if x is not None}
         if isinstance(v, dict):

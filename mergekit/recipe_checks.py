@@ -48,11 +48,17 @@ def check_recipe(cfg: MergeConfiguration) -> None:
 
     check_chat_template(cfg.chat_template)
     _check_params(method, cfg.parameters, "parameters")
+    referenced = {str(r) for r in cfg.referenced_models()}
     for key, params in (cfg.input_model_parameters or {}).items():
         try:
-            parse_model_reference(key)
+            ref = parse_model_reference(key)
         except ValueError as exc:
             raise ValueError(f"input_model_parameters.{key}: {exc}") from None
+        if str(ref) not in referenced:
+            raise ValueError(
+                f"input_model_parameters.{key}: not a model of this recipe; write the reference "
+                "exactly as models, slices or base_model do"
+            )
         _check_params(method, params, f"input_model_parameters.{key}")
 
     if cfg.models is not None:

@@ -1,0 +1,442 @@
+"""The recipe: parsing, every user error named by its YAML path, and the YAML round trip.
+
+Models are referenced by hub ids: parsing a recipe never opens a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_recipe
+
+from mergekit.config import Conditional, MergeConfiguration, load_config, parse_config
+from mergekit.errors import MergeError
+from mergekit.refs import ModelReference
+
+A, B, C = "org/model-a", "org/model-b", "org/model-c"
+
+
+def linear_models(**extra: object) -> dict:
+    return {"merge_method": "linear", "models": [{"model": A}, {"model": B}], **extra}
+
+
+def linear_slices(*slices: list[dict], **extra: object) -> dict:
+    return {"merge_method": "linear", "slices": [{"sources": s} for s in slices], **extra}
+
+
+def src(model: str, start: int, end: int, **extra: object) -> dict:
+    return {"model": model, "layer_range": [start, end], **extra}
+
+
+def parse_error(recipe: object) -> str:
+    with pytest.raises(MergeError) as info:
+        parse_config(recipe)
+    assert info.value.exit_code == 2
+    return str(info.value)
+
+
+# -- valid recipes, as users of the established tool write them ---------------------------
+
+TIES_RECIPE = """\
+models:
+  - model: org/base-7b
+    # no parameters necessary for base model
+  - model: org/math-7b
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: org/code-7b
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: org/base-7b
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+SLERP_RECIPE = """\
+slices:
+  - sources:
+      - model: org/base-7b
+        layer_range: [0, 32]
+      - model: org/chat-7b
+        layer_range: [0, 32]
+merge_method: slerp
+base_model: org/base-7b
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+LINEAR_RECIPE = """\
+models:
+  - model: org/model-a
+  - model: org/model-b
+merge_method: linear
+parameters:
+  weight: 1.0
+input_model_parameters:
+  org/model-b:
+    weight: 3.0
+out_dtype: float16
+tokenizer_source: org/model-a
+chat_template: chatml
+"""
+
+
+def test_ties_recipe(tmp_path: Path):
+    cfg = load_config(write_text(tmp_path / "ties.yml", TIES_RECIPE))
+    assert cfg.merge_method == "ties"
+    assert cfg.base_model == ModelReference("org/base-7b")
+    assert [m.model.path for m in cfg.models] == ["org/base-7b", "org/math-7b", "org/code-7b"]
+    assert cfg.models[0].parameters is None
+    assert cfg.models[1].parameters["density"] == (Conditional(value=0.5),)
+    assert cfg.models[2].parameters["weight"] == (Conditional(value=(0.0, 0.3, 0.7, 1.0)),)
+    assert cfg.parameters["int8_mask"] == (Conditional(value=True),)
+    assert cfg.parameters["normalize"] == (Conditional(value=True),)
+    assert cfg.dtype == "bfloat16" and cfg.output_dtype == "bfloat16"
+    assert cfg.slices is None
+
+
+def test_slerp_recipe_with_filtered_gradients(tmp_path: Path):
+    cfg = load_config(write_text(tmp_path / "slerp.yml", SLERP_RECIPE))
+    (sl,) = cfg.slices
+    assert [(s.model.path, s.layer_range) for s in sl.sources] == [
+        ("org/base-7b", (0, 32)), ("org/chat-7b", (0, 32))]
+    assert cfg.parameters["t"] == (
+        Conditional(filter="self_attn", value=(0.0, 0.5, 0.3, 0.7, 1.0)),
+        Conditional(filter="mlp", value=(1.0, 0.5, 0.7, 0.3, 0.0)),
+        Conditional(filter=None, value=0.5),
+    )
+
+
+def test_linear_recipe_with_input_model_parameters(tmp_path: Path):
+    cfg = load_config(write_text(tmp_path / "linear.yml", LINEAR_RECIPE))
+    assert cfg.input_model_parameters == {"org/model-b": {"weight": (Conditional(value=3.0),)}}
+    assert cfg.dtype is None and cfg.out_dtype == "float16" and cfg.output_dtype == "float16"
+    assert cfg.tokenizer_source == "org/model-a"
+    assert cfg.chat_template == "chatml"
+    assert cfg.referenced_models() == [ModelReference(A), ModelReference(B)]
+
+
+def test_out_dtype_wins_over_dtype():
+    cfg = parse_config(linear_models(dtype="bfloat16", out_dtype="float32"))
+    assert cfg.output_dtype == "float32"
+
+
+def test_revision_in_a_reference():
+    cfg = parse_config({"merge_method": "linear", "models": [{"model": "org/x@v1.0"}]})
+    assert cfg.models[0].model == ModelReference("org/x", "v1.0")
+
+
+def test_referenced_models_in_first_seen_order():
+    cfg = parse_config({
+        "merge_method": "ties", "base_model": B,
+        "slices": [{"sources": [src(A, 0, 2), src(B, 0, 2)]},
+                   {"sources": [src(C, 2, 4), src(B, 2, 4)]}],
+        "parameters": {"weight": 1.0}})
+    assert [str(r) for r in cfg.referenced_models()] == [B, A, C]
+
+
+def test_literal_jinja_chat_template_is_accepted():
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert parse_config(linear_models(chat_template=template)).chat_template == template
+
+
+@pytest.mark.parametrize("text", [TIES_RECIPE, SLERP_RECIPE, LINEAR_RECIPE],
+                         ids=["ties", "slerp", "linear"])
+def test_to_yaml_round_trips(tmp_path: Path, text: str):
+    original = load_config(write_text(tmp_path / "r.yml", text))
+    again = load_config(write_text(tmp_path / "again.yml", original.to_yaml()))
+    assert again == original
+
+
+def test_to_yaml_round_trips_slices_with_per_source_filters(tmp_path: Path):
+    recipe = {
+        "merge_method": "ties", "base_model": A,
+        "slices": [
+            {"sources": [src(A, 0, 2), src(B, 0, 2, parameters={
+                "weight": [{"filter": "mlp", "value": [0.1, 0.9]}],
+                "density": {"filter": "self_attn", "value": 0.3}})],
+             "parameters": {"lambda": 0.8}},
+            {"sources": [src(A, 2, 4), src(C, 1, 3)], "base_model": A},
+        ],
+        "parameters": {"weight": [{"filter": "embed", "value": 2}, {"value": 1}],
+                       "consensus": "count"},
+        "dtype": "float16",
+    }
+    original = parse_config(recipe)
+    dumped = original.to_yaml()
+    assert isinstance(yaml.safe_load(dumped), dict)
+    assert parse_config(yaml.safe_load(dumped)) == original
+    assert load_config(write_text(tmp_path / "r.yml", dumped)) == original
+
+
+# -- models / slices -------------------------------------------------------------------------
+
+def test_models_and_slices_together_is_an_error():
+    msg = parse_error({**linear_slices([src(A, 0, 2)]), "models": [{"model": A}]})
+    assert "models" in msg and "slices" in msg
+
+
+def test_neither_models_nor_slices_is_an_error():
+    msg = parse_error({"merge_method": "linear"})
+    assert "models" in msg and "slices" in msg
+
+
+def test_empty_models_list():
+    assert "models" in parse_error({"merge_method": "linear", "models": []})
+
+
+def test_recipe_that_is_not_a_mapping():
+    assert "mapping" in parse_error(["merge_method", "linear"])
+
+
+# -- unknown keys are reported with their YAML path --------------------------------------------
+
+def test_unknown_top_level_key():
+    msg = parse_error(linear_models(merge_methd="ties"))
+    assert msg.startswith("recipe: merge_methd: unknown key")
+
+
+def test_unknown_key_in_a_slice():
+    recipe = linear_slices([src(A, 0, 2)], [src(A, 2, 4)])
+    recipe["slices"][1]["weight"] = 1
+    msg = parse_error(recipe)
+    assert "slices[1].weight: unknown key" in msg
+
+
+def test_unknown_key_in_a_source():
+    msg = parse_error(linear_slices([src(A, 0, 2)], [src(A, 2, 4, foo=1)]))
+    assert "slices[1].sources[0].foo: unknown key" in msg
+
+
+def test_unknown_key_in_a_model_entry():
+    recipe = linear_models()
+    recipe["models"][1]["paramters"] = {"weight": 1}
+    assert "models[1].paramters: unknown key" in parse_error(recipe)
+
+
+def test_unknown_key_in_a_filter_entry():
+    recipe = linear_models(parameters={"weight": [{"filter": "mlp", "valu": 1}]})
+    msg = parse_error(recipe)
+    assert "parameters.weight" in msg and "valu" in msg
+
+
+# -- methods and their parameters ------------------------------------------------------------
+
+def test_unknown_method_suggests_the_close_one():
+    msg = parse_error({"merge_method": "tie", "models": [{"model": A}]})
+    assert msg.startswith("recipe: merge_method: unknown method 'tie'")
+    assert "did you mean 'ties'?" in msg
+    assert "linear" in msg and "slerp" in msg  # the known methods are listed
+
+
+def test_unknown_parameter_top_level():
+    msg = parse_error(linear_models(parameters={"wieght": 1.0}))
+    assert "parameters.wieght:" in msg and "did you mean 'weight'?" in msg
+
+
+def test_unknown_parameter_of_a_model():
+    recipe = {"merge_method": "ties", "base_model": A,
+              "models": [{"model": A}, {"model": B, "parameters": {"weight": 1, "densty": 0.5}}]}
+    msg = parse_error(recipe)
+    assert "models[1].parameters.densty:" in msg and "'density'" in msg
+
+
+def test_unknown_parameter_of_a_source():
+    recipe = linear_slices([src(A, 0, 2), src(B, 0, 2, parameters={"t": 0.5})])
+    msg = parse_error(recipe)
+    assert "slices[0].sources[1].parameters.t:" in msg and "'linear'" in msg
+
+
+def test_unknown_parameter_of_a_slice():
+    recipe = linear_slices([src(A, 0, 2)])
+    recipe["slices"][0]["parameters"] = {"lambda": 1.0}
+    assert "slices[0].parameters.lambda:" in parse_error(recipe)
+
+
+def test_unknown_parameter_in_input_model_parameters():
+    msg = parse_error(linear_models(input_model_parameters={B: {"density": 0.5}}))
+    assert f"input_model_parameters.{B}.density:" in msg
+
+
+def test_input_model_parameters_for_a_model_not_in_the_recipe():
+    msg = parse_error(linear_models(input_model_parameters={C: {"weight": 2.0}}))
+    assert msg.startswith(f"recipe: input_model_parameters.{C}:")
+    assert "not a model of this recipe" in msg
+
+
+def test_input_model_parameters_may_name_the_base_model():
+    recipe = {"merge_method": "ties", "base_model": C, "models": [{"model": A}],
+              "parameters": {"weight": 1.0}, "input_model_parameters": {C: {"density": 0.5}}}
+    assert C in parse_config(recipe).input_model_parameters
+
+
+def test_merge_method_missing():
+    msg = parse_error({"models": [{"model": A}]})
+    assert msg == "recipe: merge_method: required field is missing"
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_base_model_missing(method: str):
+    msg = parse_error({"merge_method": method, "models": [{"model": A}, {"model": B}],
+                       "parameters": {"t": 0.5} if method == "slerp" else {"weight": 1.0}})
+    assert msg.startswith("recipe: base_model:") and "needs a base_model" in msg
+
+
+def test_base_model_missing_in_slices_names_the_slice():
+    recipe = {"merge_method": "ties", "slices": [{"sources": [src(A, 0, 2), src(B, 0, 2)]}]}
+    assert "slices[0].base_model:" in parse_error(recipe)
+
+
+def test_slerp_with_two_non_base_models():
+    recipe = {"merge_method": "slerp", "base_model": A, "parameters": {"t": 0.5},
+              "models": [{"model": A}, {"model": B}, {"model": C}]}
+    msg = parse_error(recipe)
+    assert msg.startswith("recipe: models:") and "at most 1" in msg and "got 2" in msg
+
+
+def test_slerp_with_one_other_model_is_valid():
+    recipe = {"merge_method": "slerp", "base_model": A, "parameters": {"t": 0.5},
+              "models": [{"model": A}, {"model": B}]}
+    assert parse_config(recipe).merge_method == "slerp"
+
+
+def test_slice_base_model_must_be_among_its_sources():
+    recipe = {"merge_method": "ties", "base_model": C, "parameters": {"weight": 1.0},
+              "slices": [{"sources": [src(A, 0, 2), src(B, 0, 2)]}]}
+    assert "slices[0].sources:" in parse_error(recipe)
+
+
+# -- layer ranges ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_range", [[4, 4], [-1, 2], [3, 1]])
+def test_bad_layer_range(layer_range: list[int]):
+    recipe = linear_slices([src(A, 0, 2)], [{"model": A, "layer_range": layer_range}])
+    msg = parse_error(recipe)
+    assert msg.startswith("recipe: slices[1].sources[0].layer_range:")
+    assert str(layer_range) in msg
+
+
+def test_layer_range_missing():
+    msg = parse_error(linear_slices([{"model": A}]))
+    assert "slices[0].sources[0].layer_range: required field is missing" in msg
+
+
+def test_sources_of_different_lengths_in_a_slice():
+    recipe = linear_slices([src(A, 0, 2), src(B, 0, 2)], [src(A, 2, 4), src(B, 1, 4)])
+    msg = parse_error(recipe)
+    assert msg.startswith("recipe: slices[1].sources:")
+    assert "[2, 4]" in msg and "[1, 4]" in msg
+
+
+# -- YAML files ----------------------------------------------------------------------------------
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path: Path):
+    path = write_text(tmp_path / "bad.yml",
+                      "merge_method: linear\nmodels:\n  - model: org/a\n   parameters:\n")
+    with pytest.raises(MergeError) as info:
+        load_config(path)
+    assert info.value.exit_code == 2
+    # the stray indentation is on line 4, column 4
+    assert str(info.value).startswith(f"{path}:4:4: malformed YAML")
+
+
+def test_tab_in_yaml(tmp_path: Path):
+    path = write_text(tmp_path / "tab.yml", "merge_method: linear\nmodels:\n\t- model: org/a\n")
+    with pytest.raises(MergeError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:3:1: malformed YAML")
+
+
+def test_missing_recipe_file(tmp_path: Path):
+    with pytest.raises(MergeError) as info:
+        load_config(tmp_path / "nope.yml")
+    assert info.value.exit_code == 2
+    assert str(tmp_path / "nope.yml") in str(info.value)
+
+
+def test_empty_recipe_file(tmp_path: Path):
+    with pytest.raises(MergeError) as info:
+        load_config(write_text(tmp_path / "empty.yml", ""))
+    assert "mapping" in str(info.value)
+
+
+def test_errors_from_a_file_name_the_file(tmp_path: Path):
+    path = write_recipe(tmp_path / "r.yml", linear_slices([src(A, 0, 2)], [src(A, 2, 4, x=1)]))
+    with pytest.raises(MergeError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: slices[1].sources[0].x: unknown key")
+
+
+# -- features not supported yet, closed sets ----------------------------------------------------
+
+def test_tokenizer_source_union_is_not_supported_yet():
+    msg = parse_error(linear_models(tokenizer_source="union"))
+    assert "tokenizer_source:" in msg and "not supported yet" in msg
+
+
+def test_tokenizer_block_is_not_supported_yet():
+    msg = parse_error(linear_models(tokenizer={"source": "union"}))
+    assert "tokenizer:" in msg and "not supported yet" in msg
+
+
+def test_tokenizer_source_base_needs_a_base_model():
+    assert "tokenizer_source:" in parse_error(linear_models(tokenizer_source="base"))
+
+
+def test_lora_reference_is_not_supported_yet():
+    recipe = {"merge_method": "linear", "models": [{"model": A}, {"model": f"{B}+org/lora"}]}
+    msg = parse_error(recipe)
+    assert "models[1].model:" in msg and "not supported yet" in msg
+
+
+def test_lora_reference_in_a_source():
+    msg = parse_error(linear_slices([src(f"{A}+org/lora", 0, 2)]))
+    assert "slices[0].sources[0].model:" in msg and "not supported yet" in msg
+
+
+def test_unknown_chat_template():
+    msg = parse_error(linear_models(chat_template="chatmll"))
+    assert msg.startswith("recipe: chat_template:") and "'chatmll'" in msg
+    assert "chatml" in msg.split("'chatmll'")[1]  # the known names are listed
+
+
+@pytest.mark.parametrize("field", ["dtype", "out_dtype"])
+@pytest.mark.parametrize("value", ["float64", "int8", "fp16"])
+def test_dtype_outside_the_closed_set(field: str, value: str):
+    msg = parse_error(linear_models(**{field: value}))
+    assert msg.startswith(f"recipe: {field}:") and "bfloat16" in msg
+
+
+def test_gradient_must_hold_numbers():
+    msg = parse_error(linear_models(parameters={"weight": [1.0, "x"]}))
+    assert "parameters.weight" in msg
+
+
+def test_bad_reference():
+    msg = parse_error({"merge_method": "linear", "models": [{"model": "not a model!"}]})
+    assert "models[0].model:" in msg
+
+
+def test_configuration_is_frozen():
+    cfg = parse_config(linear_models())
+    assert isinstance(cfg, MergeConfiguration)
+    with pytest.raises(Exception):  # noqa: B017  (pydantic's frozen-instance error)
+        cfg.merge_method = "ties"  # type: ignore[misc]
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
