@@ -93,14 +93,16 @@ class InputModelDefinition(_Recipe):
 
 class InputSliceDefinition(_Recipe):
     model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
-    layer_range: tuple[int, int] = Field(description="[start, end) layers taken from the model")
+    layer_range: tuple[int, int] = Field(
+        description="[start, end) layers taken from the model; an empty range [n, n] in the "
+        "first or last slice adds no layers and only picks the embeddings or the head")
     parameters: Parameters | None = Field(None, description="parameters for this source")
 
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 0 or v[1] <= v[0]:
-            raise ValueError(f"{list(v)} must be [start, end) with 0 <= start < end")
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"{list(v)} must be [start, end) with 0 <= start <= end")
         return v
 
 
@@ -170,9 +172,7 @@ class MergeConfiguration(_Recipe):
         return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(recipe_to_plain(self), sort_keys=False)
+        return dump_yaml(recipe_to_plain(self))
 
 
 def recipe_to_plain(config: MergeConfiguration) -> dict[str, Any]:
@@ -198,6 +198,22 @@ def recipe_to_plain(config: MergeConfiguration) -> dict[str, Any]:
         return v
 
     return plain(config)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML as recipes are written by hand: lists of numbers inline (``[0, 16]``)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_list(dumper: yaml.SafeDumper, items: list[Any]) -> Any:
+        flow = all(isinstance(v, int | float | bool | str) for v in items) and all(
+            not isinstance(v, str) for v in items)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
+
+    Dumper.add_representer(list, represent_list)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False)
 
 
 def yaml_location(loc: tuple[Any, ...]) -> str:

@@ -68,6 +68,7 @@ def check_recipe(cfg: MergeConfiguration) -> None:
             method, cfg.base_model, [m.model for m in cfg.models], "models", "base_model"
         )
     else:
+        _check_empty_slices(cfg)
         for i, s in enumerate(cfg.slices or []):
             _check_params(method, s.parameters, f"slices[{i}].parameters")
             for j, src in enumerate(s.sources):
@@ -83,6 +84,21 @@ def check_recipe(cfg: MergeConfiguration) -> None:
                         f"slices[{i}].sources: the base model {base} is not among the sources; "
                         "add it with a layer_range"
                     )
+
+
+def _check_empty_slices(cfg: MergeConfiguration) -> None:
+    slices = cfg.slices or []
+    empty = [not any(src.layer_range[1] > src.layer_range[0] for src in s.sources)
+             for s in slices]
+    if all(empty):
+        raise ValueError("slices: no slice takes any layer; give a layer_range [start, end) "
+                         "with start < end")
+    for i, is_empty in enumerate(empty):
+        if is_empty and 0 < i < len(slices) - 1:
+            r = list(slices[i].sources[0].layer_range)
+            raise ValueError(
+                f"slices[{i}].sources[0].layer_range: {r} is empty; an empty range only fits "
+                "the first slice (to pick the embeddings) or the last (to pick the head)")
 
 
 def _check_params(method: Method, params: Parameters | None, where: str) -> None:

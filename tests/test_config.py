@@ -323,7 +323,8 @@ def test_slice_base_model_must_be_among_its_sources():
 
 @pytest.mark.parametrize("layer_range", [[4, 4], [-1, 2], [3, 1]])
 def test_bad_layer_range(layer_range: list[int]):
-    recipe = linear_slices([src(A, 0, 2)], [{"model": A, "layer_range": layer_range}])
+    recipe = linear_slices([src(A, 0, 2)], [{"model": A, "layer_range": layer_range}],
+                           [src(A, 2, 4)])
     msg = parse_error(recipe)
     assert msg.startswith("recipe: slices[1].sources[0].layer_range:")
     assert str(layer_range) in msg
@@ -440,3 +441,15 @@ def test_configuration_is_frozen():
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_empty_layer_range_allowed_in_first_and_last_slice():
+    recipe = linear_slices([src(A, 0, 0)], [src(B, 0, 2)], [src(C, 3, 3)],
+                           parameters={"weight": 1.0})
+    cfg = parse_config(recipe)
+    assert [s.sources[0].layer_range for s in cfg.slices] == [(0, 0), (0, 2), (3, 3)]
+
+
+def test_only_empty_slices_is_an_error():
+    msg = parse_error(linear_slices([src(A, 0, 0)], parameters={"weight": 1.0}))
+    assert msg.startswith("recipe: slices: no slice takes any layer")
