@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,8 @@ def _write_weights(
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
-                    writer.add(job.output_name, execute_job(job, method, sources, device))
+                    for chunk in execute_job(job, method, sources, device):
+                        writer.add(job.output_name, chunk)
                     weight_map[job.output_name] = filename
                     bar.update(job.nbytes)
                 writer.finish()
@@ -102,29 +104,52 @@ def _write_weights(
         write_index(tmp, weight_map, plan.write_bytes)
 
 
+# Row chunks of about this many elements (16 MB per float32 input) bound the memory of
+# elementwise methods on large tensors and keep their buffers reusable.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def execute_job(
     job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device
-) -> torch.Tensor:
-    """Read one job's inputs, merge them in float32 and cast to the output dtype."""
+) -> Iterator[torch.Tensor]:
+    """Merge one output tensor in float32 and cast it to the output dtype; yields the whole
+    tensor, or consecutive row chunks of it when the method is elementwise."""
     import torch
 
     out_dtype = torch_dtype(job.dtype)
     if not job.compute:
         ref = job.base or job.inputs[0]
-        return _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
+        yield _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
+        return
+    params = method.make_params(dict(job.params))
+    for rows in _row_chunks(job, method, params, sources):
 
-    def load(model: str, name: str) -> torch.Tensor:
-        t = sources[model].read(name)
-        return t.to(device=device, dtype=torch.float32, non_blocking=True)
+        def load(model: str, name: str, rows: tuple[int, int] | None = rows) -> torch.Tensor:
+            t = sources[model].read(name, rows)
+            return t.to(device=device, dtype=torch.float32, non_blocking=True)
 
-    base = load(job.base.model, job.base.name) if job.base else None
-    base = _fit(base, job.shape, None) if base is not None else None
-    tensors = [_fit(load(r.model, r.name), job.shape, base) for r in job.inputs]
-    result = method.fn(tensors, base, method.make_params(dict(job.params)))
-    if tuple(result.shape) != job.shape:
-        raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
-                           f"for {job.output_name}, expected {job.shape}")
-    return result.to(device="cpu", dtype=out_dtype)
+        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+        base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
+        tensors = [_fit(load(r.model, r.name), shape, base) for r in job.inputs]
+        result = method.fn(tensors, base, params)
+        if tuple(result.shape) != shape:
+            raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
+                               f"for {job.output_name}, expected {shape}")
+        yield result.to(device="cpu", dtype=out_dtype)
+
+
+def _row_chunks(
+    job: TensorJob, method: Method, params: object, sources: Mapping[str, ModelSource]
+) -> list[tuple[int, int] | None]:
+    """[None] for one whole-tensor call, else row ranges covering the first dimension."""
+    numel = math.prod(job.shape)
+    if numel <= CHUNK_ELEMENTS or not job.shape or not method.runs_elementwise(params):
+        return [None]
+    refs = ([job.base] if job.base else []) + list(job.inputs)
+    if any(sources[r.model].info(r.name).shape != job.shape for r in refs):
+        return [None]  # inputs to crop or pad: do it on whole tensors
+    step = max(1, CHUNK_ELEMENTS // max(1, numel // job.shape[0]))
+    return [(i, min(i + step, job.shape[0])) for i in range(0, job.shape[0], step)]
 
 
 def _fit(x: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor | None) -> torch.Tensor:

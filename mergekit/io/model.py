@@ -134,11 +134,13 @@ class ModelSource:
                                 "the index and the shard disagree; re-download")
         return info
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [start, end) of its first dimension."""
         filename = self.weight_map[name]
         if filename.endswith(".bin"):
-            return self._load_bin(filename)[name]
-        return self._reader.read(self.info(name))
+            t = self._load_bin(filename)[name]
+            return t if rows is None else t[rows[0]:rows[1]]
+        return self._reader.read(self.info(name), rows)
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -118,24 +118,30 @@ class SafetensorsReader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [start, end) of its first dimension."""
         import torch
 
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        if nbytes == 0:
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        buf = bytearray(nbytes)
         view = memoryview(buf)
         done = 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.start + done)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise merge_failure(str(info.file), f"file ended while reading {info.name!r}",
                                     "the file is truncated; download it again")
             done += got
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -48,6 +48,7 @@ class ShardWriter:
         self.path = path
         self._entries = entries
         self._next = 0
+        self._written = 0  # bytes of the current entry written so far (row chunks)
         try:
             self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         except OSError as exc:
@@ -64,17 +65,22 @@ class ShardWriter:
                                 "free disk space or choose another output folder") from None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the shard, or the next row chunk of it."""
         entry = self._entries[self._next]
-        if name != entry.name or tuple(tensor.shape) != entry.shape or (
-            st_code(tensor.dtype) != entry.dtype
-        ):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
+        ok_shape = tuple(tensor.shape) == entry.shape or (
+            self._written + data.nbytes <= entry.nbytes and tuple(tensor.shape[1:]) ==
+            entry.shape[1:])
+        if name != entry.name or not ok_shape or st_code(tensor.dtype) != entry.dtype:
             raise RuntimeError(
                 f"internal: expected {entry.name} {entry.shape} {entry.dtype}, got {name} "
                 f"{tuple(tensor.shape)} {tensor.dtype}")
-        self._next += 1
-        if entry.nbytes:
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
+        if data.nbytes:
             self._write(memoryview(data))
+        self._written += data.nbytes
+        if self._written == entry.nbytes:
+            self._next += 1
+            self._written = 0
 
     def finish(self) -> None:
         if self._next != len(self._entries):

@@ -15,7 +15,8 @@ class NearswapParams(MethodParams):
                      "model's value")
 
 
-@register("nearswap", NearswapParams, base="required", min_models=1, max_models=1)
+@register("nearswap", NearswapParams, base="required", min_models=1, max_models=1,
+          elementwise=True)
 def nearswap(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NearswapParams):
     """NearSwap (interpolate where the models are close)"""
     import torch

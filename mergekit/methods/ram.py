@@ -31,7 +31,7 @@ def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
     return deltas * active, active, count
 
 
-@register("ram", RamParams, base="required", shape_policy="base")
+@register("ram", RamParams, base="required", shape_policy="base", elementwise=True)
 def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: RamParams):
     """RAM (reinforced agent merging)"""
     assert base is not None

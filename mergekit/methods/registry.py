@@ -80,6 +80,12 @@ class Method:
     min_models: int
     max_models: int | None
     random: bool
+    # True, or a test on the params: each output element depends only on the inputs' same
+    # element, so the engine may run the method on row chunks of large tensors.
+    elementwise: bool | Callable[[Any], bool] = False
+
+    def runs_elementwise(self, params: MethodParams) -> bool:
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     @property
     def display_name(self) -> str:
@@ -143,6 +149,7 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     random: bool = False,
+    elementwise: bool | Callable[[Any], bool] = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -150,7 +157,7 @@ def register(
         if name in _METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
-            name, fn, params, base, shape_policy, min_models, max_models, random
+            name, fn, params, base, shape_policy, min_models, max_models, random, elementwise
         )
         return fn
 

@@ -265,7 +265,8 @@ def generator(seed: int) -> torch.Generator:
 # -- the methods -----------------------------------------------------------------------
 
 
-@register("task_arithmetic", TaskArithmeticParams, base="required", shape_policy="base")
+@register("task_arithmetic", TaskArithmeticParams, base="required", shape_policy="base",
+          elementwise=True)
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None,
                     params: TaskArithmeticParams):
     """Task Arithmetic
@@ -277,7 +278,8 @@ def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None,
                    normalize=params.normalize, lambda_=params.lambda_)
 
 
-@register("ties", TiesParams, base="required", shape_policy="base")
+@register("ties", TiesParams, base="required", shape_policy="base",
+          elementwise=lambda p: min(p.density) >= 1.0)
 def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesParams):
     """TIES
 

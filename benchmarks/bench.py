@@ -1,0 +1,285 @@
+"""Benchmark mergekit-yaml on Llama-shaped models: wall and CPU time, peak RSS, bytes
+moved, and the I/O floor of the same data measured in the same run.
+
+    python benchmarks/bench.py                      # three ~0.6 GB bf16 models
+    python benchmarks/bench.py --size large         # ~2.5 GB each
+    python benchmarks/bench.py --compare-with /path/to/other/bin/mergekit-yaml
+    python benchmarks/bench.py --quick              # tiny models, one run (kept working by a test)
+
+Models are generated once (deterministic) under benchmarks/.cache/. Figures are medians
+of --runs runs; with --compare-with, the two tools alternate and ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+SIZES = {
+    # name: (hidden, intermediate, layers, vocab, shard_bytes)
+    "quick": (64, 128, 2, 512, 64_000),
+    "small": (2048, 5632, 3, 32000, 250_000_000),
+    "large": (2048, 5632, 22, 32000, 1_000_000_000),
+}
+
+
+def layer_shapes(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[str, tuple]]:
+    kv = hidden // 4  # grouped-query attention, as Llama-style models use
+    shapes: list[tuple[str, tuple]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def write_shard(path: Path, tensors: list[tuple[str, object]]) -> None:
+    header, offset = {}, 0
+    for name, t in tensors:
+        n = t.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, t in tensors:
+            f.write(t.contiguous().view(__import__("torch").uint8).numpy().tobytes())
+
+
+def build_model(folder: Path, seed: int, size: str) -> None:
+    """A Llama-shaped bf16 model of random weights, sharded, with an index."""
+    import torch
+
+    hidden, inter, layers, vocab, shard_bytes = SIZES[size]
+    if (folder / "model.safetensors.index.json").is_file():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[list] = [[]]
+    used = 0
+    for name, shape in layer_shapes(hidden, inter, layers, vocab):
+        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if used and used + t.numel() * 2 > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, t))
+        used += t.numel() * 2
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_shard(tmp / fname, tensors)
+        for name, t in tensors:
+            weight_map[name] = fname
+            total += t.numel() * 2
+        shards[i] = []  # free memory as we go
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "hidden_act": "silu",
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def recipes(models: list[Path], layers: int) -> dict[str, dict]:
+    a, b, c = (str(m) for m in models)
+    half = max(1, layers // 2)
+    return {
+        "linear": {"merge_method": "linear", "dtype": "bfloat16", "models": [
+            {"model": a, "parameters": {"weight": 0.4}},
+            {"model": b, "parameters": {"weight": 0.3}},
+            {"model": c, "parameters": {"weight": 0.3}}]},
+        "ties": {"merge_method": "ties", "base_model": a, "dtype": "bfloat16", "models": [
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "slerp": {"merge_method": "slerp", "base_model": a, "dtype": "bfloat16",
+                  "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.4}},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": a, "dtype": "bfloat16",
+                      "models": [
+                          {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
+                          {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "passthrough": {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, layers]}]},
+            {"sources": [{"model": b, "layer_range": [layers - half, layers]}]}]},
+    }
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    read_mb: float
+    written_mb: float
+    ok: bool
+    error: str = ""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
+
+
+def run_once(tool: str, recipe: dict, workdir: Path) -> Sample:
+    import yaml
+
+    recipe_path = workdir / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen([tool, str(recipe_path), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    io_seen: dict[str, int] = {}
+    while True:  # sample /proc io counters while the child lives; wait4 gives its own rusage
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            break
+        io_seen = proc_io(proc.pid) or io_seen
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    written = folder_bytes(out) if out.is_dir() else 0
+    shutil.rmtree(out, ignore_errors=True)
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+                  io_seen.get("rchar", 0) / 1e6, written / 1e6, proc.returncode == 0,
+                  stderr.strip().splitlines()[-1] if proc.returncode else "")
+
+
+def io_floor(models: list[Path], out_bytes: int, workdir: Path) -> float:
+    """Seconds to read every input file and write out_bytes, with plain file calls."""
+    start = time.perf_counter()
+    buf = bytearray(16 << 20)
+    for m in models:
+        for f in sorted(m.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    target = workdir / "floor.bin"
+    with open(target, "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            n = min(left, len(buf))
+            fh.write(memoryview(buf)[:n])
+            left -= n
+    target.unlink()
+    return time.perf_counter() - start
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    ok = [s for s in samples if s.ok]
+    if not ok:
+        return samples[0]
+    return Sample(*(statistics.median(getattr(s, f) for s in ok)
+                    for f in ("wall_s", "cpu_s", "peak_rss_mb", "read_mb", "written_mb")), True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["small", "large"], default="small")
+    ap.add_argument("--quick", action="store_true", help="tiny models, one run")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--methods", default="linear,ties,slerp,dare_ties,passthrough")
+    ap.add_argument("--tool", default=shutil.which("mergekit-yaml") or "mergekit-yaml",
+                    help="the mergekit-yaml to measure (default: ours on PATH)")
+    ap.add_argument("--compare-with", metavar="PATH", help="another mergekit-yaml to compare")
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument("--output", type=Path, help="write the markdown table here too")
+    args = ap.parse_args()
+    size = "quick" if args.quick else args.size
+    runs = 1 if args.quick else args.runs
+
+    models = [args.cache / size / name for name in ("a", "b", "c")]
+    for seed, m in enumerate(models):
+        build_model(m, seed, size)
+    layers = SIZES[size][2]
+    tools = [("ours", args.tool)] + ([("other", args.compare_with)] if args.compare_with else [])
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+        work = Path(tmp)
+        for method, recipe in recipes(models, layers).items():
+            if method not in wanted:
+                continue
+            samples: dict[str, list[Sample]] = {name: [] for name, _ in tools}
+            floors = []
+            for _ in range(runs):
+                for name, tool in tools:  # alternate the tools run by run
+                    samples[name].append(run_once(tool, recipe, work))
+                out_bytes = int(samples["ours"][-1].written_mb * 1e6)
+                floors.append(io_floor(models, out_bytes, work))
+            rows.append((method, {n: median_sample(s) for n, s in samples.items()},
+                         statistics.median(floors)))
+    table = render(rows, bool(args.compare_with), size)
+    print(table)
+    if args.output:
+        args.output.write_text(table + "\n")
+    return 0 if all(r[1]["ours"].ok for r in rows) else 1
+
+
+def render(rows: list, compare: bool, size: str) -> str:
+    head = ["method", "wall s", "CPU s", "peak RSS MB", "read MB", "written MB", "I/O floor s",
+            "wall / floor"]
+    if compare:
+        head += ["other wall s", "other RSS MB", "wall ratio", "RSS ratio"]
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+             f"{platform.python_version()}; models: {size}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s, floor in rows:
+        o = s["ours"]
+        cells = [method, f"{o.wall_s:.2f}", f"{o.cpu_s:.2f}", f"{o.peak_rss_mb:.0f}",
+                 f"{o.read_mb:.3g}", f"{o.written_mb:.3g}", f"{floor:.2f}",
+                 f"{o.wall_s / floor:.1f}x" if floor > 0 else "-"]
+        if not o.ok:
+            cells[1] = f"FAILED ({o.error[:60]})"
+        if compare:
+            t = s["other"]
+            cells += [f"{t.wall_s:.2f}", f"{t.peak_rss_mb:.0f}",
+                      f"{o.wall_s / t.wall_s:.2f}x" if t.ok else "-",
+                      f"{o.peak_rss_mb / t.peak_rss_mb:.2f}x" if t.ok else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
