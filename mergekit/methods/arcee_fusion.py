@@ -2,35 +2,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.registry import RandomParams, register
 
 if TYPE_CHECKING:
     import torch
 
+# Quantiles of larger tensors are estimated on this many entries drawn at random.
+QUANTILE_SAMPLE = 1_000_000
 
-class ArceeFusionParams(MethodParams):
+
+class ArceeFusionParams(RandomParams):
     pass
 
 
-def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated quantile of a flat tensor (no size limit, unlike torch.quantile)."""
-    import torch
-
-    n = values.numel()
-    pos = q * (n - 1)
-    lo = int(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    low = torch.kthvalue(values, lo + 1).values
-    high = torch.kthvalue(values, hi + 1).values if hi != lo else low
-    return low + (high - low) * frac
+def lower_quantile(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
+    """The order statistic at floor(q * (n - 1)) of an ascending tensor (no interpolation)."""
+    return sorted_values[int(q * (sorted_values.numel() - 1))]
 
 
 @register("arcee_fusion", ArceeFusionParams, base="required", min_models=1, max_models=1,
-          shape_policy="base")
+          shape_policy="base", random=True)
 def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
                  params: ArceeFusionParams):
-    """Arcee Fusion (keep the most important changes)"""
+    """Arcee Fusion (keep the most important changes)
+
+    importance = |delta| * KL(softmax(model row) || softmax(base row)); entries whose
+    importance reaches median + 1.5 * IQR are taken from the model, the rest from the base.
+    """
     import torch
 
     assert base is not None
@@ -38,11 +36,16 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
     delta = other - base
     rows_base = base.reshape(-1, base.shape[-1]) if base.dim() > 0 else base.reshape(1, 1)
     rows_other = other.reshape(rows_base.shape)
-    log_p = torch.log_softmax(rows_other, dim=-1)
-    log_q = torch.log_softmax(rows_base, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1, keepdim=True)  # (rows, 1)
+    p = torch.softmax(rows_other, dim=-1) + 1e-8
+    q = torch.softmax(rows_base, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (rows, 1)
     importance = (delta.reshape(rows_base.shape).abs() * kl).reshape(-1)
-    q1, median, q3 = (quantile(importance, q) for q in (0.25, 0.5, 0.75))
-    threshold = median + 1.5 * (q3 - q1)
-    keep = (importance > threshold).reshape(base.shape)
+    values = importance
+    if values.numel() > QUANTILE_SAMPLE:
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        picks = torch.randint(values.numel(), (QUANTILE_SAMPLE,), generator=gen)
+        values = values[picks.to(values.device)]
+    ordered = torch.sort(values).values
+    q1, median, q3 = (lower_quantile(ordered, f) for f in (0.25, 0.5, 0.75))
+    keep = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
     return base + delta * keep

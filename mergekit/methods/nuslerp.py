@@ -17,7 +17,8 @@ class NuSlerpParams(MethodParams):
     weight: PerModelFloat = Field(description="relative weight; t = w2 / (w1 + w2)")
     nuslerp_flatten: bool = Field(True, description="treat each tensor as one vector")
     nuslerp_row_wise: bool = Field(
-        False, description="when not flattening, interpolate rows instead of columns"
+        False, description="when not flattening: false interpolates each row W[i, :], "
+        "true each column W[:, j] (the established tool's convention)"
     )
 
 
@@ -53,9 +54,9 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
     shape = a.shape
     if params.nuslerp_flatten or a.dim() < 2:
         out = slerp_rows(a.reshape(1, -1), b.reshape(1, -1), t).reshape(shape)
-    elif params.nuslerp_row_wise:
+    elif not params.nuslerp_row_wise:  # rows W[i, :]
         out = slerp_rows(a.reshape(shape[0], -1), b.reshape(shape[0], -1), t).reshape(shape)
-    else:  # columns: vectors along the first dimension
+    else:  # columns W[:, j]: vectors along the first dimension
         cols_a = torch.movedim(a, 0, -1).reshape(-1, shape[0])
         cols_b = torch.movedim(b, 0, -1).reshape(-1, shape[0])
         moved = torch.movedim(a, 0, -1).shape

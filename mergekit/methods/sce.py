@@ -10,11 +10,16 @@ from mergekit.methods.task_arithmetic import elect_sign_mask
 if TYPE_CHECKING:
     import torch
 
+# Below this total mean-square of the task vectors the weights fall back to uniform, and
+# the divisor is never smaller than it (as the established tool does).
+SMALL = 1e-6
+
 
 class SceParams(MethodParams):
     select_topk: float = Field(
         1.0, description="fraction of positions kept, those whose task vectors vary most"
     )
+    int8_mask: bool = Field(False, description="store masks as int8 (accepted; no effect)")
 
     @field_validator("select_topk")
     @classmethod
@@ -36,16 +41,20 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SceParam
     deltas = torch.stack([x - base for x in tensors])  # (n_models, *shape)
     if params.select_topk < 1.0:
         variance = deltas.var(dim=0, unbiased=False).reshape(-1)
-        k = int(params.select_topk * variance.numel())
+        # top fraction of the positions where the models differ at all
+        k = int(params.select_topk * int(torch.count_nonzero(variance)))
         keep = torch.zeros_like(variance, dtype=torch.bool)
         if k > 0:
             keep[torch.topk(variance, k, sorted=False).indices] = True
         deltas = deltas * keep.reshape(base.shape)
     energy = deltas.pow(2).reshape(deltas.shape[0], -1).mean(dim=1)  # (n_models,)
     total = float(energy.sum())
-    weights = energy / total if total > 0 else torch.full_like(energy, 1.0 / len(tensors))
-    weighted = deltas * weights.reshape(-1, *([1] * base.dim()))
-    agree = elect_sign_mask(weighted, "sum")
-    mixed = (weighted * agree).sum(dim=0)
-    divisor = (weights.reshape(-1, *([1] * base.dim())) * agree).sum(dim=0)
-    return base + mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if total < SMALL:
+        weights = torch.full_like(energy, 1.0 / len(tensors))
+    else:
+        weights = energy / total
+    agree = elect_sign_mask(deltas, "sum")  # the sign of the unweighted sum
+    w = weights.reshape(-1, *([1] * base.dim()))
+    mixed = (deltas * w * agree).sum(dim=0)
+    divisor = (w * agree).sum(dim=0).clamp_min(SMALL)
+    return base + mixed / divisor

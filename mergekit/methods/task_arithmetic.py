@@ -45,7 +45,10 @@ def _check_density(densities: Sequence[float]) -> None:
 
 class TaskArithmeticParams(MethodParams):
     weight: PerModelFloat = _weight()
+    density: PerModelFloat = Field(
+        1.0, description="accepted for compatibility; task_arithmetic keeps every entry")
     normalize: bool = Field(False, description="divide by the sum of the weights")
+    rescale: bool = Field(False, description="accepted for compatibility; no effect here")
     lambda_: float = _lambda()
     int8_mask: bool = _int8_mask()
 
@@ -62,6 +65,8 @@ class TiesParams(MethodParams):
     normalize: bool = Field(
         True, description="divide by the summed weights of the models that agree on the sign"
     )
+    rescale: bool = Field(
+        False, description="scale each pruned task vector back to its original L1 norm")
     lambda_: float = _lambda()
     int8_mask: bool = _int8_mask()
     consensus: Consensus = _consensus()
@@ -96,7 +101,8 @@ class DareTiesParams(DareParams):
 class BreadcrumbsParams(MethodParams):
     weight: PerModelFloat = _weight()
     density: PerModelFloat = _density()
-    gamma: float = Field(0.01, description="fraction of largest-magnitude entries dropped")
+    gamma: PerModelFloat = Field(0.01, description="fraction of largest-magnitude entries "
+                                 "dropped")
     normalize: bool = Field(False, description="divide by the summed weights")
     rescale: bool = Field(False, description="rescale the kept entries to the task vector's "
                           "L1 norm")
@@ -106,8 +112,9 @@ class BreadcrumbsParams(MethodParams):
     @model_validator(mode="after")
     def _gamma(self) -> BreadcrumbsParams:
         _check_density(self.density)
-        if not 0.0 <= self.gamma < 1.0:
-            raise ValueError(f"gamma {self.gamma} is outside [0, 1)")
+        for g in self.gamma:
+            if not 0.0 <= g < 1.0:
+                raise ValueError(f"gamma {g} is outside [0, 1)")
         return self
 
 
@@ -116,15 +123,15 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
 
 
 class DellaLinearParams(DareParams):
-    epsilon: float = Field(0.15, description="spread of keep probabilities around density")
+    epsilon: PerModelFloat = Field(0.15, description="spread of keep probabilities around "
+                                   "density")
 
     @model_validator(mode="after")
     def _epsilon(self) -> DellaLinearParams:
-        for d in self.density:
+        for d, e in zip(self.density, self.epsilon):
             # density 1 keeps everything (no sampling), as for every sparsifier
-            if d < 1.0 and not (0.0 < d - self.epsilon and d + self.epsilon < 1.0):
-                raise ValueError(
-                    f"density {d} ± epsilon {self.epsilon} must stay inside (0, 1)")
+            if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
+                raise ValueError(f"density {d} ± epsilon {e} must stay inside (0, 1)")
         return self
 
 
@@ -137,15 +144,13 @@ class DellaParams(DellaLinearParams):
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the int(density * numel) entries of largest magnitude."""
+    """Zero all but the max(1, int(density * numel)) entries of largest magnitude."""
     import torch
 
     if density >= 1.0:
         return delta
     flat = delta.reshape(-1)
-    k = int(density * flat.numel())
-    if k <= 0:
-        return torch.zeros_like(delta)
+    k = max(1, int(density * flat.numel()))  # at least one entry, as the established tool
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
     keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
     return (flat * keep).reshape(delta.shape)
@@ -286,7 +291,11 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesPar
     https://arxiv.org/abs/2306.01708
     """
     assert base is not None
-    deltas = [keep_top_magnitude(x - base, d) for x, d in zip(tensors, params.density)]
+    deltas = []
+    for x, density in zip(tensors, params.density):
+        delta = x - base
+        kept = keep_top_magnitude(delta, density)
+        deltas.append(rescale_l1(delta, kept) if params.rescale and density < 1.0 else kept)
     return combine(base, deltas, params.weight, consensus=params.consensus,
                    normalize=params.normalize, lambda_=params.lambda_)
 
@@ -308,17 +317,19 @@ def _sparse_merge(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
     params: DareParams | BreadcrumbsParams,
-    sparsify: Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor | float]],
+    sparsify: Callable[[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor | float]],
     consensus: str | None,
 ) -> torch.Tensor:
+    """Sparsify each task vector (``sparsify(delta, density, model_index)`` returns the kept
+    entries and their keep probabilities), rescale, combine."""
     assert base is not None
     deltas = []
-    for x, density in zip(tensors, params.density):
+    for i, (x, density) in enumerate(zip(tensors, params.density)):
         delta = x - base
         if density >= 1.0:
             deltas.append(delta)
             continue
-        kept, probs = sparsify(delta, density)
+        kept, probs = sparsify(delta, density, i)
         deltas.append(_rescaled(delta, kept, probs, params))
     return combine(base, deltas, params.weight, consensus=consensus,
                    normalize=params.normalize, lambda_=params.lambda_)
@@ -328,7 +339,7 @@ def _dare(tensors: list[torch.Tensor], base: torch.Tensor | None,
           params: DareParams, consensus: str | None) -> torch.Tensor:
     gen = generator(params.seed)
     return _sparse_merge(tensors, base, params,
-                         lambda d, p: (keep_random(d, p, gen), p), consensus)
+                         lambda d, p, _i: (keep_random(d, p, gen), p), consensus)
 
 
 @register("dare_linear", DareParams, base="required", shape_policy="base", random=True)
@@ -352,7 +363,8 @@ def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Da
 def _breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None,
                  params: BreadcrumbsParams, consensus: str | None) -> torch.Tensor:
     return _sparse_merge(tensors, base, params,
-                         lambda d, p: (keep_magnitude_band(d, p, params.gamma), p), consensus)
+                         lambda d, p, i: (keep_magnitude_band(d, p, params.gamma[i]), p),
+                         consensus)
 
 
 @register("breadcrumbs", BreadcrumbsParams, base="required", shape_policy="base")
@@ -379,7 +391,7 @@ def _della(tensors: list[torch.Tensor], base: torch.Tensor | None,
            params: DellaLinearParams, consensus: str | None) -> torch.Tensor:
     gen = generator(params.seed)
     return _sparse_merge(tensors, base, params,
-                         lambda d, p: keep_della(d, p, params.epsilon, gen), consensus)
+                         lambda d, p, i: keep_della(d, p, params.epsilon[i], gen), consensus)
 
 
 @register("della", DellaParams, base="required", shape_policy="base", random=True)

@@ -148,9 +148,12 @@ def test_density_keeps_exactly_int_density_numel_largest(density: float):
     np.testing.assert_allclose(kept.ravel()[largest], d.ravel()[largest], rtol=1e-6, atol=1e-6)
 
 
-def test_density_so_small_nothing_is_kept_gives_base():
-    out = run_ties([D1, D2], BASE, weight=[1.0, 1.0], density=[0.1, 0.1])  # int(0.6) = 0
-    np.testing.assert_array_equal(out, np.array(BASE, dtype=np.float32))
+def test_density_so_small_keeps_the_single_largest_entry():
+    # int(0.1 * 6) = 0, but at least one entry is kept (as the established tool does):
+    # D1 keeps its 4.0 at (1, 1), D2 its -3.0 at (1, 0); each alone elects its own sign.
+    out = run_ties([D1, D2], BASE, weight=[1.0, 1.0], density=[0.1, 0.1])
+    expected = np.array(BASE, dtype=np.float32) + np.array([[0, 0, 0], [-3.0, 4.0, 0]])
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
 
 
 @pytest.mark.parametrize("consensus", ["sum", "count"])
