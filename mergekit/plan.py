@@ -240,8 +240,9 @@ class _Planner:
         if len(set(shapes.values())) == 1:
             return ref.shape
         listing = ", ".join(f"{k}: {list(s)}" for k, s in shapes.items())
-        ndims = {len(s) for s in shapes.values()}
-        if not outside_layers or len(ndims) > 1 or ndims.pop() > 2:
+        # only the vocabulary (first) dimension of embeddings and heads may differ
+        rest = {(len(s), s[1:]) for s in shapes.values()}
+        if not outside_layers or len(rest) > 1 or next(iter(rest))[0] not in (1, 2):
             raise usage_error(name, f"the input shapes differ ({listing})",
                               "merge models of the same size, or pick matching layers")
         if self.method.shape_policy == "base":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Output projections of attention and MLP blocks, by naming convention (Llama-style,
 # GPT-2, GPT-NeoX): the tensors a slice's `scale` multiplies.
@@ -20,6 +20,13 @@ class LayerSlice(BaseModel):
     end: int = Field(ge=0, description="layer after the last one taken (exclusive)")
     scale: float | None = Field(None, description="multiplies the slice's attention output "
                                 "and MLP down projections")
+
+    @model_validator(mode="after")
+    def _range(self) -> LayerSlice:
+        if self.end <= self.start:
+            raise ValueError(f"end {self.end} is not after start {self.start} (end is "
+                             "exclusive)")
+        return self
 
 
 class BakllamaConfig(BaseModel):
@@ -67,7 +74,13 @@ def load_bakllama(path: Path, fp16: bool) -> dict[str, Any]:
     except OSError as exc:
         raise usage_error(str(path), f"cannot read ({exc.strerror})", "check the path") from None
     except yaml.YAMLError as exc:
-        raise usage_error(str(path), f"malformed YAML ({exc})", "fix the syntax") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise usage_error(str(path), f"expected a mapping with layer_slices, found "
+                          f"{type(data).__name__}", "fix the bakllama file")
     try:
         cfg = BakllamaConfig.model_validate(data)
     except ValidationError as exc:

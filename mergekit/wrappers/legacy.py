@@ -38,23 +38,35 @@ def legacy_recipe(
     if not merges:
         raise usage_error("--merge", "no model to merge", "give --merge MODEL at least once")
     names = {p.name for p in m.params}
+    if m.base == "required" and not base_model and method != "slerp":
+        raise usage_error("--base-model", f"method {method!r} needs a base model",
+                          "give --base-model")
     recipe: dict[str, Any] = {"merge_method": method}
     if base_model:
         recipe["base_model"] = base_model
     params: dict[str, Any] = {}
+    if densities and "density" not in names:
+        raise usage_error("--density", f"method {method!r} takes no density",
+                          "drop --density or choose a sparsifying method such as ties")
     if method == "slerp":
-        if len(weights) != 1 or densities:
-            raise usage_error("--weight", "slerp takes exactly one --weight (its t) and no "
-                              "--density", "give --weight T once")
+        if len(weights) != 1:
+            raise usage_error("--weight", f"slerp takes exactly one --weight (its t), given "
+                              f"{len(weights)}", "give --weight T once")
         if len(merges) != 1 or not base_model:
             raise usage_error("--merge", "slerp interpolates --base-model and one --merge "
                               "model", "give --base-model and exactly one --merge")
         recipe["models"] = [{"model": base_model}, {"model": merges[0]}]
         params["t"] = weights[0]
     else:
-        if densities and "density" not in names:
-            raise usage_error("--density", f"method {method!r} takes no density",
-                              "drop --density or choose a sparsifying method such as ties")
+        if weights and "weight" not in names:
+            raise usage_error("--weight", f"method {method!r} takes no weight",
+                              "drop --weight or choose a method that weighs its models")
+        weight_spec = m.param("weight")
+        if not weights and weight_spec is not None and weight_spec.required:
+            raise usage_error(
+                "--weight", f"not given; method {method!r} needs a weight for each of the "
+                f"{len(merges)} --merge models",
+                f"give it once (for all) or {len(merges)} times (once per --merge, in order)")
         per_weight = _per_model("--weight", weights, len(merges))
         per_density = _per_model("--density", densities, len(merges))
         models = []

@@ -1,0 +1,413 @@
+"""mergekit-yaml end to end through the real entry point, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_llama, load_state, read_json, run_cli, write_recipe
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "models"
+BASE, INSTRUCT, CODE = (str(TINY / n) for n in ("tiny-base", "tiny-instruct", "tiny-code"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# Two slices of a linear merge: layers [0, 3) then [2, 4) of both models -> 5 layers.
+SLICED_LINEAR = {
+    "merge_method": "linear",
+    "slices": [
+        {"sources": [{"model": BASE, "layer_range": [0, 3]},
+                     {"model": CODE, "layer_range": [0, 3]}]},
+        {"sources": [{"model": BASE, "layer_range": [2, 4]},
+                     {"model": CODE, "layer_range": [2, 4]}]},
+    ],
+    "parameters": {"weight": [{"filter": "mlp", "value": 0.75}, {"value": 0.5}]},
+    "input_model_parameters": {CODE: {"weight": 0.25}},
+    "out_dtype": "float16",
+}
+
+
+def yaml_cmd(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli("mergekit.cli.yaml_cmd", *args, cwd=cwd)
+
+
+def linear_recipe(*models: str, **extra: object) -> dict:
+    return {"merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models], **extra}
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("cli")
+    recipe = write_recipe(root / "recipe.yml", SLICED_LINEAR)
+    out = root / "merged"
+    return out, yaml_cmd(recipe, out, "--quiet")
+
+
+def test_success_exit_code_and_weights(merged):
+    out, proc = merged
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
+    # no temporary folder left beside OUT
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged", "recipe.yml"]
+
+    base, code, got = load_state(BASE), load_state(CODE), load_state(out)
+    # output layer k <- source layer k for k < 3, then source layers 2, 3 as layers 3, 4
+    sources = [0, 1, 2, 2, 3]
+    expected_names = {n for n in base if ".layers." not in n} | {
+        n.replace(".layers.0.", f".layers.{k}.") for k in range(5)
+        for n in base if ".layers.0." in n}
+    assert set(got) == expected_names
+    for k, src in enumerate(sources):
+        for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+            w_base = 0.75 if "mlp" in suffix else 0.5  # top-level filter; code: 0.25 overall
+            a = base[f"model.layers.{src}.{suffix}"].float()
+            b = code[f"model.layers.{src}.{suffix}"].float()
+            expected = (w_base * a + 0.25 * b) / (w_base + 0.25)
+            out_t = got[f"model.layers.{k}.{suffix}"]
+            assert out_t.dtype == torch.float16
+            torch.testing.assert_close(out_t.float(), expected, atol=1e-3, rtol=1e-2)
+
+
+def test_success_config_and_tokenizer(merged):
+    out, proc = merged
+    assert proc.returncode == 0, proc.stderr
+    config = read_json(out / "config.json")
+    assert config["num_hidden_layers"] == 5
+    assert config["torch_dtype"] == "float16"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    for name in TOKENIZER_FILES:
+        assert (out / name).read_bytes() == (TINY / "tiny-base" / name).read_bytes(), name
+    assert (out / "generation_config.json").is_file()
+
+
+def test_success_model_card_and_recipe_copy(merged):
+    out, proc = merged
+    assert proc.returncode == 0, proc.stderr
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert {"merge", "mergekit"} <= set(front["tags"])
+    assert front["library_name"] == "transformers"
+    assert "base_model" not in front  # local folders are not hub ids
+    assert "linear" in card
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == SLICED_LINEAR
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yml", SLICED_LINEAR)
+    out = tmp_path / "merged"
+    proc = yaml_cmd(recipe, out, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "model.layers.4.mlp.down_proj.weight" in proc.stdout
+    assert "5 layers" in proc.stdout
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yml"]
+
+
+def test_out_shard_size_writes_shards_and_index(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "recipe.yml",
+                          linear_recipe(BASE, INSTRUCT, out_dtype="float32"))
+    out = tmp_path / "merged"
+    proc = yaml_cmd(recipe, out, "--out-shard-size", "20k", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "model.safetensors").exists()
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) >= 5  # about 230 kB of float32 tensors, 20 kB per shard
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(1, len(shards) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index) == {"metadata", "weight_map"}
+    in_files = {}
+    total = 0
+    for shard in shards:
+        shard_bytes = []
+        with safe_open(out / shard, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                assert name not in in_files
+                in_files[name] = shard
+                t = f.get_tensor(name)
+                shard_bytes.append(t.numel() * t.element_size())
+        # a shard stays under the limit unless one tensor alone is larger
+        assert sum(shard_bytes) <= 20_000 or len(shard_bytes) == 1, (shard, shard_bytes)
+        total += sum(shard_bytes)
+    assert index["weight_map"] == in_files
+    assert set(in_files) == set(load_state(BASE))
+    assert index["metadata"]["total_size"] == total
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_no_copy_tokenizer_and_no_model_card(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(BASE, CODE))
+    out = tmp_path / "merged"
+    proc = yaml_cmd(recipe, out, "--no-copy-tokenizer", "--no-write-model-card", "-q")
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "mergekit_config.yml"} <= names
+    assert not names & {*TOKENIZER_FILES, "README.md"}
+
+
+CHATML_RENDERED = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+LITERAL = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def _render(folder: Path) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def test_chat_template_builtin_name(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yml",
+                          linear_recipe(BASE, CODE, chat_template="chatml"))
+    out = tmp_path / "merged"
+    proc = yaml_cmd(recipe, out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "<|im_start|>" in read_json(out / "tokenizer_config.json")["chat_template"]
+    assert _render(out) == CHATML_RENDERED
+
+
+def test_chat_template_literal_jinja(merge):
+    """Through the Python API (the CLI path is the same once the recipe is parsed)."""
+    out = merge(linear_recipe(BASE, CODE, chat_template=LITERAL))
+    assert read_json(out / "tokenizer_config.json")["chat_template"] == LITERAL
+    assert _render(out) == "[user] hi\n"
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def _hidden32_llama(root: Path) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, num_hidden_layers=4, hidden_size=32, intermediate_size=32,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(root / "hidden32")
+    return str(root / "hidden32")
+
+
+def _case(name: str, tmp_path: Path, llama_models: list[Path],
+          request: pytest.FixtureRequest) -> tuple[str | dict, list[str]]:
+    """(recipe text or dict, extra CLI args) for one bad input."""
+    a, b = (str(m) for m in llama_models[:2])
+    if name == "different_architectures":
+        return linear_recipe(a, str(request.getfixturevalue("gpt2_models")[0])), []
+    missing = str(tmp_path / "no-such-model")
+    return {
+        "malformed_yaml": ("merge_method: linear\nmodels: [\n  - model: x\n", []),
+        "not_a_mapping": ("- linear\n", []),
+        "unknown_method": ({"merge_method": "tie", "models": [{"model": a}]}, []),
+        "unknown_key": ({**linear_recipe(a, b), "merge_methd": "linear"}, []),
+        "missing_model_folder": (linear_recipe(a, missing), []),
+        "shape_mismatch": (linear_recipe(a, _hidden32_llama(tmp_path)), []),
+        "layer_range_out_of_bounds": ({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [2, 9]}]}]}, []),
+        "missing_required_parameter": ({"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": 1.0}}, {"model": b}]}, []),
+        "slerp_without_t": ({"merge_method": "slerp", "base_model": a, "models": [
+            {"model": a}, {"model": b}]}, []),
+        "bad_shard_size": (linear_recipe(a, b), ["--out-shard-size", "banana"]),
+    }[name]
+
+
+# name -> (exit code, substrings the message must contain)
+ERRORS = {
+    "malformed_yaml": (2, ["recipe.yml:", "malformed YAML"]),
+    "not_a_mapping": (2, ["recipe.yml: the recipe must be a YAML mapping"]),
+    "unknown_method": (2, ["merge_method: unknown method 'tie'", "did you mean 'ties'?",
+                           "known: ", "linear"]),
+    "unknown_key": (2, ["merge_methd: unknown key"]),
+    "missing_model_folder": (2, ["no-such-model", "neither an existing folder nor a hub id"]),
+    "different_architectures": (2, ["models: the architectures differ", "LlamaForCausalLM",
+                                    "GPT2LMHeadModel", "--allow-crimes"]),
+    "shape_mismatch": (2, ["model.embed_tokens.weight: the input shapes differ", "[64, 16]",
+                           "[64, 32]"]),
+    "layer_range_out_of_bounds": (2, ["slices[0].sources[0].layer_range: [2, 9] is past the "
+                                      "4 layers of", "use an end of at most 4"]),
+    "missing_required_parameter": (2, ["models[1].parameters:", "'linear' needs 'weight'",
+                                       "set weight"]),
+    "slerp_without_t": (2, ["parameters:", "'slerp' needs 't'"]),
+    "bad_shard_size": (2, ["--out-shard-size: 'banana' is not a size"]),
+}
+
+
+def run_with_importtime(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run mergekit-yaml with -X importtime; returns the process and the imported modules."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mergekit.cli.yaml_cmd", *map(str, args)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    modules, lines = set(), []
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:"):
+            modules.add(line.rsplit("|", 1)[-1].strip())
+        else:
+            lines.append(line)
+    proc.stderr = "\n".join(lines)
+    return proc, modules
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_input(tmp_path, llama_models, request, name):
+    recipe_data, extra = _case(name, tmp_path, llama_models, request)
+    recipe = tmp_path / "recipe.yml"
+    if isinstance(recipe_data, str):
+        recipe.write_text(recipe_data)
+    else:
+        write_recipe(recipe, recipe_data)
+    out = tmp_path / "merged"
+    proc, modules = run_with_importtime(recipe, out, *extra)
+    code, parts = ERRORS[name]
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith("error: "), proc.stderr
+    for part in parts:
+        assert part in proc.stderr, (part, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".merged*"))  # no temporary folder either
+    # recipe and header problems are found before torch is imported
+    assert not {m for m in modules if m == "torch" or m.startswith("torch.")}, name
+
+
+def test_hub_model_missing_offline(tmp_path):
+    """A hub id that is not in the (empty) cache, offline: a recipe-level error."""
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe("no-such-org/no-such-model", BASE))
+    out = tmp_path / "merged"
+    proc, modules = run_with_importtime(
+        recipe, out, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2, proc.stderr
+    assert "error: model 'no-such-org/no-such-model': not a local folder and not in the hub " \
+        "cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert "torch" not in modules
+
+
+def test_output_path_is_a_file(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(BASE, CODE))
+    out = tmp_path / "merged"
+    out.write_text("not a folder")
+    proc = yaml_cmd(recipe, out)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {out}: exists and is not a folder" in proc.stderr
+    assert out.read_text() == "not a folder"
+
+
+def test_recipe_error_does_not_import_torch_in_process(tmp_path):
+    """The same check through sys.modules, calling the CLI function in a fresh interpreter."""
+    recipe = write_recipe(tmp_path / "recipe.yml",
+                          {"merge_method": "nope", "models": [{"model": str(tmp_path)}]})
+    code = (
+        "import sys\n"
+        "from mergekit.cli.yaml_cmd import main\n"
+        f"sys.argv = ['mergekit-yaml', {str(recipe)!r}, {str(tmp_path / 'out')!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "exit 2 False False", proc.stdout + proc.stderr
+    assert "merge_method: unknown method 'nope'" in proc.stderr
+
+
+def test_verbose_shows_traceback(tmp_path, llama_models):
+    recipe = write_recipe(tmp_path / "recipe.yml",
+                          {"merge_method": "tie", "models": [{"model": str(llama_models[0])}]})
+    proc = yaml_cmd(recipe, tmp_path / "merged", "-v")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert "error: " in proc.stderr and "unknown method 'tie'" in proc.stderr
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    a = build_llama(tmp_path / "a", seed=1)
+    b = build_llama(tmp_path / "b", seed=2)
+    before = _snapshot(a)
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(str(a), str(b)))
+    proc = yaml_cmd(recipe, a)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {a}: the output folder overlaps the input model" in proc.stderr
+    assert "choose another output folder" in proc.stderr
+    assert _snapshot(a) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "recipe.yml"]
+
+
+def test_output_inside_input_is_refused(tmp_path, llama_models):
+    a, b = (str(m) for m in llama_models[:2])
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(a, b))
+    out = Path(a) / "merged"
+    proc = yaml_cmd(recipe, out)
+    assert proc.returncode == 2, proc.stderr
+    assert "overlaps the input model" in proc.stderr
+    assert not out.exists()
+
+
+def test_output_with_foreign_files_is_refused(tmp_path, llama_models):
+    a, b = (str(m) for m in llama_models[:2])
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(a, b))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = yaml_cmd(recipe, out)
+    assert proc.returncode == 2, proc.stderr
+    assert "exists, is not empty and is not a mergekit output" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_rerun_replaces_an_earlier_output(tmp_path, llama_models, merge):
+    """A folder holding an earlier merge (it has mergekit_config.yml) may be overwritten."""
+    a, b, c = (str(m) for m in llama_models)
+    out = merge(linear_recipe(a, b))
+    assert (out / "mergekit_config.yml").is_file()
+    second = write_recipe(tmp_path / "second.yml", linear_recipe(a, c))
+    proc = yaml_cmd(second, out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = (load_state(a)[name] + load_state(c)[name]) / 2
+    torch.testing.assert_close(load_state(out)[name], expected)
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text())["models"][1]["model"] == c
+
+
+def test_help_lists_options():
+    proc = run_cli("mergekit.cli.yaml_cmd", "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0
+    for option in ("--out-shard-size", "--dry-run", "--no-copy-tokenizer",
+                   "--no-write-model-card", "--allow-crimes", "--verbose"):
+        assert option in proc.stdout, option
+
+
+def test_missing_arguments_is_a_usage_error():
+    proc = yaml_cmd()
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "CONFIG" in proc.stderr
+
+
+def test_recipe_file_not_found(tmp_path):
+    proc = yaml_cmd(tmp_path / "nope.yml", tmp_path / "out")
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'nope.yml'}: cannot read the recipe" in proc.stderr
+    assert not (tmp_path / "out").exists()
