@@ -256,7 +256,8 @@ def parse_config(data: Any, source: str = "recipe") -> MergeConfiguration:
         raise _error_from_validation(exc, source) from None
 
 
-def load_config(path: str | Path) -> MergeConfiguration:
+def read_recipe(path: str | Path) -> Any:
+    """The recipe file's YAML data; unreadable or malformed files are usage errors."""
     import yaml
 
     path = Path(path)
@@ -266,10 +267,13 @@ def load_config(path: str | Path) -> MergeConfiguration:
         raise usage_error(str(path), f"cannot read the recipe ({exc.strerror})",
                           "check the path") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> MergeConfiguration:
+    return parse_config(read_recipe(path), str(path))
