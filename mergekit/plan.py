@@ -193,10 +193,14 @@ class _Planner:
             params = self.method.make_params(values)
         except ValidationError as exc:
             err = exc.errors()[0]
-            name = err["loc"][0] if err["loc"] else "?"
-            raise usage_error(f"parameters.{name}", f"{err['msg']} (tensor {tensor}, value "
-                              f"{values.get(str(name))!r})", "fix the value in the recipe"
-                              ) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                name = str(err["loc"][0])
+                raise usage_error(f"parameters.{name}", f"{msg} (tensor {tensor}, value "
+                                  f"{values.get(name)!r})", "fix the value in the recipe"
+                                  ) from None
+            raise usage_error("parameters", f"{msg} (tensor {tensor})",
+                              "fix the value in the recipe") from None
         return params.model_dump(by_alias=True)
 
     # -- one output tensor -------------------------------------------------------

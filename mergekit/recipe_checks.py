@@ -110,7 +110,7 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"{where}.{name}: '{method.name}' has no parameter {name!r}; {hint}"
+                f"{where}.{name}: '{method.name}' has no parameter {name!r}; {hint or 'remove it '}"
                 f"(its parameters: {', '.join(sorted(known)) or 'none'})"
             )
 
