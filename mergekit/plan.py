@@ -105,6 +105,7 @@ class _Planner:
         self.out_dtype = NAME_TO_ST[config.output_dtype] if config.output_dtype else None
         if not allow_crimes:
             self._check_architectures()
+        self._warn_misplaced_globals()
 
     # -- structure -------------------------------------------------------------
 
@@ -114,6 +115,24 @@ class _Planner:
             listing = ", ".join(f"{k}: {'/'.join(a) or '?'}" for k, a in archs.items())
             raise usage_error("models", f"the architectures differ ({listing})",
                               "merge models of one architecture, or pass --allow-crimes")
+
+    def _warn_misplaced_globals(self) -> None:
+        """Parameters of the whole merge set for one model have no effect: say so."""
+        globals_ = {p.name for p in self.method.params if not p.per_model}
+        places: list[tuple[str, Parameters | None]] = [
+            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.cfg.models or [])
+        ] + [
+            (f"slices[{i}].sources[{j}].parameters", src.parameters)
+            for i, s in enumerate(self.cfg.slices or []) for j, src in enumerate(s.sources)
+        ] + [
+            (f"input_model_parameters.{k}", v)
+            for k, v in (self.cfg.input_model_parameters or {}).items()
+        ]
+        for where, params in places:
+            for name in sorted(set(params or {}) & globals_):
+                self.warnings.append(
+                    f"{where}.{name}: {name!r} applies to the whole merge, so it is ignored "
+                    "here; set it under the top-level (or slice) parameters")
 
     def _slices(self) -> list[_Slice]:
         cfg = self.cfg

@@ -414,3 +414,22 @@ def test_format_plan(plan_for, llama_models: list[Path]):
     assert "[64, 16]" in embed_line and "BF16" in embed_line and "linear" in embed_line
     assert f"{a}:{EMBED}" in embed_line and f"{b}:{EMBED}" in embed_line
     assert sum(1 for line in lines if line.strip()) == n_tensors + 1
+
+
+def test_global_parameter_set_for_one_model_is_ignored_with_a_warning(llama_models):
+    from mergekit.config import parse_config
+    from mergekit.io.model import open_model
+    from mergekit.io.safetensors_file import SafetensorsReader
+    from mergekit.plan import build_plan
+
+    a, b, c = (str(m) for m in llama_models)
+    cfg = parse_config({"merge_method": "ties", "base_model": a, "models": [
+        {"model": b, "parameters": {"weight": 1.0, "normalize": False}},
+        {"model": c, "parameters": {"weight": 1.0}}]})
+    reader = SafetensorsReader()
+    sources = {str(r): open_model(r, reader, None) for r in cfg.referenced_models()}
+    plan = build_plan(cfg, sources)
+    reader.close()
+    assert any(w.startswith("models[0].parameters.normalize: 'normalize' applies to the whole "
+                            "merge") for w in plan.warnings)
+    assert all(job.params["normalize"] is True for job in plan.jobs if job.compute)
