@@ -122,19 +122,26 @@ def execute_job(
         yield _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
         return
     params = method.make_params(dict(job.params))
-    for rows in _row_chunks(job, method, params, sources):
 
-        def load(model: str, name: str, rows: tuple[int, int] | None = rows) -> torch.Tensor:
+    def inputs(rows: tuple[int, int] | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        def load(model: str, name: str) -> torch.Tensor:
             t = sources[model].read(name, rows)
             return t.to(device=device, dtype=torch.float32, non_blocking=True)
 
         shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
         base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
-        tensors = [_fit(load(r.model, r.name), shape, base) for r in job.inputs]
+        return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base
+
+    chunks = _row_chunks(job, method, params, sources)
+    if method.prepare is not None:
+        params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
+    for rows in chunks:
+        tensors, base = inputs(rows)
         result = method.fn(tensors, base, params)
-        if tuple(result.shape) != shape:
+        shape = tensors[0].shape
+        if result.shape != shape:
             raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
-                               f"for {job.output_name}, expected {shape}")
+                               f"for {job.output_name}, expected {tuple(shape)}")
         yield result.to(device="cpu", dtype=out_dtype)
 
 

@@ -12,6 +12,10 @@ RECIPES = {
         {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}]},
     "ties": lambda a, b, c: {"merge_method": "ties", "base_model": a, "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.5}}]},
+    "ties_sparse": lambda a, b, c: {"merge_method": "ties", "base_model": a,
+                                    "parameters": {"rescale": True}, "models": [
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.3}},
+        {"model": c, "parameters": {"weight": 0.7, "density": 0.6}}]},
     "passthrough": lambda a, b, c: {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": a, "layer_range": [0, 2]}],
          "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},

@@ -83,6 +83,10 @@ class Method:
     # True, or a test on the params: each output element depends only on the inputs' same
     # element, so the engine may run the method on row chunks of large tensors.
     elementwise: bool | Callable[[Any], bool] = False
+    # prepare(chunks, params) -> params: whole-tensor statistics gathered from passes over
+    # ``chunks()``, an iterable of (inputs, base) row chunks; the engine calls it before
+    # running the method on chunks of the same tensor.
+    prepare: Callable[[Any, Any], Any] | None = None
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
@@ -150,6 +154,7 @@ def register(
     max_models: int | None = None,
     random: bool = False,
     elementwise: bool | Callable[[Any], bool] = False,
+    prepare: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -157,7 +162,8 @@ def register(
         if name in _METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
-            name, fn, params, base, shape_policy, min_models, max_models, random, elementwise
+            name, fn, params, base, shape_policy, min_models, max_models, random,
+            elementwise, prepare,
         )
         return fn
 

@@ -4,7 +4,7 @@ steps from this file."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
@@ -70,6 +70,13 @@ class TiesParams(MethodParams):
     lambda_: float = _lambda()
     int8_mask: bool = _int8_mask()
     consensus: Consensus = _consensus()
+    # Set by prepare_ties from passes over the whole tensor, so that row chunks merge
+    # exactly as the whole tensor would: per model, the smallest kept magnitude and the
+    # L1 rescale factor.
+    magnitude_floor: tuple[float, ...] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
+    l1_scale: tuple[float, ...] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
 
     @model_validator(mode="after")
     def _densities(self) -> TiesParams:
@@ -143,17 +150,49 @@ class DellaParams(DellaLinearParams):
 # -- sparsification ------------------------------------------------------------------
 
 
-def keep_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the max(1, int(density * numel)) entries of largest magnitude."""
+def top_count(density: float, numel: int) -> int:
+    """Entries a magnitude sparsifier keeps: at least one, as the established tool."""
+    return max(1, int(density * numel))
+
+
+def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
+    """The k-th largest |value| over a tensor given as a re-iterable stream of chunks.
+
+    Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
+    pass counts the high 16 bits, a second the low 16 bits inside the bucket holding the
+    k-th value. Memory is one chunk; the result is exact and independent of chunking.
+    """
     import torch
 
+    def bits(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for chunk in chunks():
+        high += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
+    above = torch.flip(torch.cumsum(torch.flip(high, [0]), 0), [0])  # count with hi >= b
+    bucket = int(torch.nonzero(above >= k).max())
+    need = k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for chunk in chunks():
+        b = bits(chunk)
+        inside = b[(b >> 16) == bucket] & 0xFFFF
+        low += torch.bincount(inside.cpu().to(torch.int64), minlength=1 << 16)
+    low_above = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
+    lo = int(torch.nonzero(low_above >= need).max())
+    value = torch.tensor([(bucket << 16) | lo], dtype=torch.int32).view(torch.float32)
+    return float(value)
+
+
+def keep_top_magnitude(delta: torch.Tensor, density: float,
+                       floor: float | None = None) -> torch.Tensor:
+    """Keep the max(1, int(density * numel)) entries of largest magnitude (entries tied
+    with the last one kept are kept too); ``floor`` is that magnitude when known."""
     if density >= 1.0:
         return delta
-    flat = delta.reshape(-1)
-    k = max(1, int(density * flat.numel()))  # at least one entry, as the established tool
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return (flat * keep).reshape(delta.shape)
+    if floor is None:
+        floor = kth_largest_magnitude(lambda: [delta], top_count(density, delta.numel()))
+    return delta * (delta.abs() >= floor)
 
 
 def keep_random(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -283,19 +322,52 @@ def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None,
                    normalize=params.normalize, lambda_=params.lambda_)
 
 
-@register("ties", TiesParams, base="required", shape_policy="base",
-          elementwise=lambda p: min(p.density) >= 1.0)
+def prepare_ties(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]],
+    params: TiesParams,
+) -> TiesParams:
+    """Whole-tensor statistics of ties, from passes over row chunks of (inputs, base)."""
+    import torch
+
+    floors: list[float] = []
+    for i, density in enumerate(params.density):
+        if density >= 1.0:
+            floors.append(0.0)
+            continue
+
+        def deltas(i: int = i) -> Iterable[torch.Tensor]:
+            return (xs[i] - base for xs, base in chunks())
+
+        numel = sum(d.numel() for d in deltas())
+        floors.append(kth_largest_magnitude(deltas, top_count(density, numel)))
+    scales = None
+    if params.rescale:
+        totals = torch.zeros((len(floors), 2), dtype=torch.float64)  # (sum |d|, sum |kept|)
+        for xs, base in chunks():
+            for i, floor in enumerate(floors):
+                magnitude = (xs[i] - base).abs()
+                totals[i, 0] += magnitude.sum(dtype=torch.float64).cpu()
+                totals[i, 1] += (magnitude * (magnitude >= floor)).sum(dtype=torch.float64).cpu()
+        scales = tuple(float(a / b) if b > 0 and d < 1.0 else 1.0
+                       for (a, b), d in zip(totals.tolist(), params.density))
+    return params.model_copy(update={"magnitude_floor": tuple(floors), "l1_scale": scales})
+
+
+@register("ties", TiesParams, base="required", shape_policy="base", elementwise=True,
+          prepare=prepare_ties)
 def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesParams):
     """TIES
 
     https://arxiv.org/abs/2306.01708
     """
     assert base is not None
+    if params.magnitude_floor is None:
+        params = prepare_ties(lambda: [(tensors, base)], params)
+    assert params.magnitude_floor is not None
     deltas = []
-    for x, density in zip(tensors, params.density):
-        delta = x - base
-        kept = keep_top_magnitude(delta, density)
-        deltas.append(rescale_l1(delta, kept) if params.rescale and density < 1.0 else kept)
+    for i, (x, density) in enumerate(zip(tensors, params.density)):
+        kept = keep_top_magnitude(x - base, density, params.magnitude_floor[i])
+        deltas.append(kept * params.l1_scale[i] if params.l1_scale else kept)
     return combine(base, deltas, params.weight, consensus=params.consensus,
                    normalize=params.normalize, lambda_=params.lambda_)
 
