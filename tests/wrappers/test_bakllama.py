@@ -245,3 +245,22 @@ def assert_same_folder(a: Path, b: Path) -> None:
     assert Path("model.safetensors") in files_a
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_shipped_bakllama_example_runs(tmp_path):
+    """examples/wrappers/bakllama.yml (shown in the README) runs from the repository root."""
+    from pathlib import Path
+
+    from conftest import load_state, run_cli
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "stacked"
+    proc = run_cli("mergekit.cli.bakllama_cmd", "examples/wrappers/bakllama.yml", out, "-q",
+                   cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    models = repo / "examples" / "models"
+    merged, base = load_state(out), load_state(models / "tiny-base")
+    instruct = load_state(models / "tiny-instruct")
+    assert merged["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
+    assert merged["lm_head.weight"].equal(instruct["lm_head.weight"])
+    assert len({k.split(".")[2] for k in merged if k.startswith("model.layers.")}) == 6
