@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -42,30 +44,51 @@ def shard_header(entries: list[ShardEntry]) -> bytes:
 
 
 class ShardWriter:
-    """Writes one safetensors shard; tensors must arrive in ``entries`` order."""
+    """Writes one safetensors shard; tensors must arrive in ``entries`` order.
+
+    Tensor bytes are written by a background thread, so the disk works while the next
+    tensor is merged; at most ``QUEUE_DEPTH`` chunks wait. A write error surfaces at the
+    next ``add`` or at ``finish``.
+    """
+
+    QUEUE_DEPTH = 4
 
     def __init__(self, path: Path, entries: list[ShardEntry]) -> None:
         self.path = path
         self._entries = entries
         self._next = 0
-        self._written = 0  # bytes of the current entry written so far (row chunks)
+        self._written = 0  # bytes of the current entry accepted so far (row chunks)
+        self._error: OSError | None = None
         try:
             self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         except OSError as exc:
             raise merge_failure(str(path), f"cannot create ({exc.strerror})",
                                 "check the output folder's permissions and free space") from None
-        self._write(shard_header(entries))
-
-    def _write(self, data: bytes | memoryview) -> None:
         try:
-            self._file.write(data)
+            self._file.write(shard_header(entries))
         except OSError as exc:
-            self.abort()
-            raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
-                                "free disk space or choose another output folder") from None
+            self._fail(exc)
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(self.QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                except OSError as exc:
+                    self._error = exc
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
+                            "free disk space or choose another output folder") from None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor of the shard, or the next row chunk of it."""
+        if self._error is not None:
+            self._fail(self._error)
         entry = self._entries[self._next]
         data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
         ok_shape = tuple(tensor.shape) == entry.shape or (
@@ -76,26 +99,35 @@ class ShardWriter:
                 f"internal: expected {entry.name} {entry.shape} {entry.dtype}, got {name} "
                 f"{tuple(tensor.shape)} {tensor.dtype}")
         if data.nbytes:
-            self._write(memoryview(data))
+            self._queue.put(memoryview(data))  # the array stays alive through the view
         self._written += data.nbytes
         if self._written == entry.nbytes:
             self._next += 1
             self._written = 0
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def finish(self) -> None:
         if self._next != len(self._entries):
             raise RuntimeError(f"internal: {self.path.name} got {self._next} of "
                                f"{len(self._entries)} tensors")
+        self._stop()
+        if self._error is not None:
+            self._fail(self._error)
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
         except OSError as exc:
-            self.abort()
-            raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
-                                "free disk space or choose another output folder") from None
+            self._fail(exc)
 
     def abort(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._error = self._error or OSError("aborted")
+            self._stop()
         try:
             self._file.close()
         except OSError:

@@ -129,8 +129,9 @@ def test_disk_full_on_write_becomes_merge_error(tmp_path):
     writer._file.close()
     full = FullDisk()
     writer._file = full  # type: ignore[assignment]
-    with pytest.raises(MergeError) as err:
-        writer.add("a", torch.zeros(1024))
+    with pytest.raises(MergeError) as err:  # tensor bytes are written in the background:
+        writer.add("a", torch.zeros(1024))  # the error surfaces at the next add or at finish
+        writer.finish()
     assert "m.safetensors" in str(err.value)
     assert "No space left on device" in str(err.value)
     assert err.value.exit_code == 1
