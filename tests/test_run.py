@@ -19,6 +19,8 @@ RECIPES = {
     "passthrough": lambda a, b, c: {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": a, "layer_range": [0, 2]}],
          "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+    "slerp": lambda a, b, c: {"merge_method": "slerp", "base_model": a, "models": [
+        {"model": a}, {"model": b}], "parameters": {"t": [0.1, 0.9]}},
     "task_arithmetic": lambda a, b, c: {"merge_method": "task_arithmetic", "base_model": a,
                                         "dtype": "bfloat16", "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.2}}]},

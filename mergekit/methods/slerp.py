@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -17,9 +18,28 @@ NORM_EPS = 1e-8
 
 class SlerpParams(MethodParams):
     t: float = Field(description="interpolation position: 0 gives the base model, 1 the other")
+    # Set by prepare_slerp: (|base|^2, |other|^2, base . other) over the whole tensor, so
+    # row chunks are combined with the whole tensor's angle.
+    sums: tuple[float, float, float] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
 
 
-@register("slerp", SlerpParams, base="required", min_models=1, max_models=1)
+def prepare_slerp(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]],
+    params: SlerpParams,
+) -> SlerpParams:
+    import torch
+
+    total = torch.zeros(3, dtype=torch.float64)
+    for (other,), base in chunks():
+        a = base.reshape(-1).double()
+        b = other.reshape(-1).double()
+        total += torch.stack([torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]).cpu()
+    return params.model_copy(update={"sums": tuple(total.tolist())})
+
+
+@register("slerp", SlerpParams, base="required", min_models=1, max_models=1, elementwise=True,
+          prepare=prepare_slerp)
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpParams):
     """SLERP (spherical linear interpolation)
 
@@ -29,14 +49,14 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
 
     assert base is not None
     (other,) = tensors
+    if params.sums is None:
+        params = prepare_slerp(lambda: [(tensors, base)], params)
+    assert params.sums is not None
     t = params.t
-    a = base.reshape(-1)
-    b = other.reshape(-1)
-    norm_a = float(torch.linalg.vector_norm(a))
-    norm_b = float(torch.linalg.vector_norm(b))
-    dot = float(torch.dot(a, b))
+    aa, bb, ab = params.sums
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
     # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
-    cos = dot / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
+    cos = ab / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
     if abs(cos) > COLINEAR_COSINE:
         return torch.lerp(base, other, t)
     theta = math.acos(max(-1.0, min(1.0, cos)))
