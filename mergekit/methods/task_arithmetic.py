@@ -155,8 +155,12 @@ def top_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
-    """The k-th largest |value| over a tensor given as a re-iterable stream of chunks.
+def kth_largest_magnitudes(
+    chunks: Callable[[], Iterable[list[torch.Tensor]]], densities: Sequence[float]
+) -> list[float]:
+    """For each of several tensors streamed together as re-iterable row chunks, the
+    k-th largest |value| with k = top_count(densities[i], numel): the smallest magnitude
+    a magnitude sparsifier keeps.
 
     Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
     pass counts the high 16 bits, a second the low 16 bits inside the bucket holding the
@@ -167,21 +171,33 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) 
     def bits(chunk: torch.Tensor) -> torch.Tensor:
         return chunk.abs().to(torch.float32).reshape(-1).view(torch.int32)
 
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for chunk in chunks():
-        high += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
-    above = torch.flip(torch.cumsum(torch.flip(high, [0]), 0), [0])  # count with hi >= b
-    bucket = int(torch.nonzero(above >= k).max())
-    need = k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for chunk in chunks():
-        b = bits(chunk)
-        inside = b[(b >> 16) == bucket] & 0xFFFF
-        low += torch.bincount(inside.cpu().to(torch.int64), minlength=1 << 16)
-    low_above = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
-    lo = int(torch.nonzero(low_above >= need).max())
-    value = torch.tensor([(bucket << 16) | lo], dtype=torch.int32).view(torch.float32)
-    return float(value)
+    def count_from_top(hist: torch.Tensor) -> torch.Tensor:  # entries in buckets >= b
+        return torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+
+    n = len(densities)
+    high = torch.zeros((n, 1 << 15), dtype=torch.int64)
+    for parts in chunks():
+        for i, chunk in enumerate(parts):
+            high[i] += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
+    buckets, needs = [], []
+    for i, density in enumerate(densities):
+        k = top_count(density, int(high[i].sum()))
+        above = count_from_top(high[i])
+        bucket = int(torch.nonzero(above >= k).max())
+        buckets.append(bucket)
+        needs.append(k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0))
+    low = torch.zeros((n, 1 << 16), dtype=torch.int64)
+    for parts in chunks():
+        for i, chunk in enumerate(parts):
+            b = bits(chunk)
+            inside = (b[(b >> 16) == buckets[i]] & 0xFFFF).to(torch.int64).cpu()
+            low[i] += torch.bincount(inside, minlength=1 << 16)
+    out = []
+    for i in range(n):
+        lo = int(torch.nonzero(count_from_top(low[i]) >= needs[i]).max())
+        value = torch.tensor([(buckets[i] << 16) | lo], dtype=torch.int32).view(torch.float32)
+        out.append(float(value))
+    return out
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float,
@@ -191,7 +207,7 @@ def keep_top_magnitude(delta: torch.Tensor, density: float,
     if density >= 1.0:
         return delta
     if floor is None:
-        floor = kth_largest_magnitude(lambda: [delta], top_count(density, delta.numel()))
+        (floor,) = kth_largest_magnitudes(lambda: [[delta]], [density])
     return delta * (delta.abs() >= floor)
 
 
@@ -329,17 +345,16 @@ def prepare_ties(
     """Whole-tensor statistics of ties, from passes over row chunks of (inputs, base)."""
     import torch
 
-    floors: list[float] = []
-    for i, density in enumerate(params.density):
-        if density >= 1.0:
-            floors.append(0.0)
-            continue
+    sparse = [i for i, d in enumerate(params.density) if d < 1.0]
+    floors = [0.0] * len(params.density)
+    if sparse:
 
-        def deltas(i: int = i) -> Iterable[torch.Tensor]:
-            return (xs[i] - base for xs, base in chunks())
+        def deltas() -> Iterable[list[torch.Tensor]]:
+            return ([xs[i] - base for i in sparse] for xs, base in chunks())
 
-        numel = sum(d.numel() for d in deltas())
-        floors.append(kth_largest_magnitude(deltas, top_count(density, numel)))
+        densities = [params.density[i] for i in sparse]
+        for i, floor in zip(sparse, kth_largest_magnitudes(deltas, densities)):
+            floors[i] = floor
     scales = None
     if params.rescale:
         totals = torch.zeros((len(floors), 2), dtype=torch.float64)  # (sum |d|, sum |kept|)
