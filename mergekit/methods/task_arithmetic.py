@@ -297,22 +297,35 @@ def combine(
     normalize: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """base + lambda * (sum of weighted, optionally sign-agreeing deltas [/ their weights])."""
+    """base + lambda * (sum of weighted, optionally sign-agreeing deltas [/ their weights]).
+
+    Works model by model on tensors of the base's shape (no stacked copies), since this
+    runs on every chunk of every tensor.
+    """
     import torch
 
-    stacked = torch.stack(deltas)  # (n_models, *shape)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *([1] * base.dim()))
-    weighted = stacked * w
-    if consensus is not None:
-        agree = elect_sign_mask(weighted, consensus)
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+    w = torch.tensor(list(weights), dtype=base.dtype)  # float32 weights, as the math
+    weighted = [d * w[i] for i, d in enumerate(deltas)]
+    mixed = torch.zeros_like(base)
+    if consensus is None:
+        for wd in weighted:
+            mixed += wd
+        total = float(w.sum())
+        if normalize:
+            mixed /= total if total != 0 else 1.0
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed)
-    if normalize:
-        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        votes = torch.zeros_like(base)
+        for wd in weighted:
+            votes += wd if consensus == "sum" else torch.sign(wd)
+        elected = torch.where(votes >= 0, 1.0, -1.0)
+        del votes
+        divisor = torch.zeros_like(base)
+        for i, wd in enumerate(weighted):
+            agree = (wd * elected) > 0  # same sign as elected; zeros never agree
+            mixed += wd * agree
+            divisor += agree * w[i]
+        if normalize:
+            mixed /= torch.where(divisor == 0, 1.0, divisor)
     return base + lambda_ * mixed
 
 
