@@ -107,6 +107,9 @@ def _write_weights(
 # Row chunks of about this many elements (16 MB per float32 input) bound the memory of
 # elementwise methods on large tensors and keep their buffers reusable.
 CHUNK_ELEMENTS = 1 << 22
+# Methods with a prepare pass keep a tensor's inputs in memory between passes when they
+# fit in this many bytes (as float32); larger tensors are read again for each pass.
+PREPARE_CACHE_BYTES = 256 * 1024**2
 
 
 def execute_job(
@@ -133,16 +136,26 @@ def execute_job(
         return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base
 
     chunks = _row_chunks(job, method, params, sources)
+    loaded = None
     if method.prepare is not None:
-        params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
-    for rows in chunks:
-        tensors, base = inputs(rows)
+        if _f32_bytes(job) <= PREPARE_CACHE_BYTES:  # read once, for every pass
+            loaded = [inputs(rows) for rows in chunks]
+            params = method.prepare(lambda: loaded, params)
+        else:  # too large to hold: each pass reads the chunks again
+            params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
+    for n, rows in enumerate(chunks):
+        tensors, base = loaded[n] if loaded is not None else inputs(rows)
         result = method.fn(tensors, base, params)
         shape = tensors[0].shape
         if result.shape != shape:
             raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
                                f"for {job.output_name}, expected {tuple(shape)}")
         yield result.to(device="cpu", dtype=out_dtype)
+
+
+def _f32_bytes(job: TensorJob) -> int:
+    """Bytes of all of a job's inputs in float32."""
+    return math.prod(job.shape) * 4 * (len(job.inputs) + (1 if job.base else 0))
 
 
 def _row_chunks(

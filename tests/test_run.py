@@ -31,11 +31,13 @@ def _bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
+@pytest.mark.parametrize("cache_bytes", [256 * 1024**2, 0], ids=["cached", "reread"])
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_row_chunks_give_identical_bytes(name, llama_models, merge, monkeypatch):
+def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge, monkeypatch):
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
     monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    monkeypatch.setattr(run_module, "PREPARE_CACHE_BYTES", cache_bytes)
     calls = []
     real = run_module._row_chunks
     monkeypatch.setattr(run_module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
