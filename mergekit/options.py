@@ -43,6 +43,8 @@ class MergeOptions(BaseModel):
     verbose: bool = Field(False, description="show tracebacks and details")
     quiet: bool = Field(False, description="no progress bar")
     dry_run: bool = Field(False, description="print the plan; read and write no weights")
+    strict_finite: bool = Field(False, description="fail on NaN or Inf in an input tensor "
+                                "instead of warning")
 
     @field_validator("out_shard_size", mode="before")
     @classmethod

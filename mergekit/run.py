@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit.config import MergeConfiguration
-from mergekit.errors import usage_error
+from mergekit.errors import merge_failure, usage_error
 from mergekit.io import artifacts, output_folder
 from mergekit.io.dtypes import torch_dtype
 from mergekit.io.model import ModelSource, open_model
@@ -81,6 +81,7 @@ def _write_weights(
 
     device = _device(options)
     method = get_method(plan.method)
+    check = FiniteCheck(options.strict_finite)
     weight_map: dict[str, str] = {}
     by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
     for job in plan.jobs:
@@ -92,7 +93,7 @@ def _write_weights(
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
-                    for chunk in execute_job(job, method, sources, device):
+                    for chunk in execute_job(job, method, sources, device, check):
                         writer.add(job.output_name, chunk)
                     weight_map[job.output_name] = filename
                     bar.update(job.nbytes)
@@ -112,8 +113,35 @@ CHUNK_ELEMENTS = 1 << 22
 PREPARE_CACHE_BYTES = 256 * 1024**2
 
 
+class FiniteCheck:
+    """Warns once per input tensor holding NaN or Inf; with ``strict`` that is an error."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self._seen: set[tuple[str, str, tuple[int, int] | None]] = set()
+        self._warned: set[tuple[str, str]] = set()
+
+    def __call__(self, model: str, name: str, rows: tuple[int, int] | None,
+                 tensor: torch.Tensor) -> None:
+        import torch
+
+        if (model, name, rows) in self._seen:
+            return
+        self._seen.add((model, name, rows))
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if self.strict:
+                raise merge_failure(f"model {model}", f"tensor {name} holds NaN or Inf values",
+                                    "fix the input model, or drop --strict-finite to merge "
+                                    "anyway")
+            if (model, name) not in self._warned:
+                self._warned.add((model, name))
+                log.warning("model %s: tensor %s holds NaN or Inf values; the merged tensor "
+                            "may too (--strict-finite makes this an error)", model, name)
+
+
 def execute_job(
-    job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device
+    job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device,
+    check: FiniteCheck | None = None,
 ) -> Iterator[torch.Tensor]:
     """Merge one output tensor in float32 and cast it to the output dtype; yields the whole
     tensor, or consecutive row chunks of it when the method is elementwise."""
@@ -128,8 +156,11 @@ def execute_job(
 
     def inputs(rows: tuple[int, int] | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         def load(model: str, name: str) -> torch.Tensor:
-            t = sources[model].read(name, rows)
-            return t.to(device=device, dtype=torch.float32, non_blocking=True)
+            t = sources[model].read(name, rows).to(device=device, dtype=torch.float32,
+                                                   non_blocking=True)
+            if check is not None:
+                check(model, name, rows, t)
+            return t
 
         shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
         base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None

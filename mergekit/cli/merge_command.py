@@ -27,6 +27,7 @@ MERGE_FLAGS: list[tuple[str, Any, Any]] = [
     ("verbose", f.Verbose, False),
     ("quiet", f.Quiet, False),
     ("dry_run", f.DryRun, False),
+    ("strict_finite", f.StrictFinite, False),
 ]
 
 

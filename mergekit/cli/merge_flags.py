@@ -48,3 +48,7 @@ DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Check the recipe against the inputs' headers and print "
                        "the plan; read and write no weights.")
 ]
+StrictFinite = Annotated[
+    bool, typer.Option("--strict-finite", help="Fail on NaN or Inf in an input tensor "
+                       "instead of warning.")
+]

@@ -1,0 +1,57 @@
+"""NaN or Inf in an input: a warning naming model and tensor; --strict-finite fails."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli, write_recipe
+from safetensors.torch import load_file, save_file
+
+BAD = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def nan_model(llama_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nan") / "with-nan"
+    shutil.copytree(llama_models[1], folder)
+    state = load_file(folder / "model.safetensors")
+    state[BAD][0, 0] = float("nan")
+    state[BAD][1, 2] = float("inf")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def recipe(tmp_path, a, b):
+    return write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 0.5}},
+        {"model": str(b), "parameters": {"weight": 0.5}}]})
+
+
+def test_nan_input_warns_with_model_and_tensor(tmp_path, llama_models, nan_model):
+    out = tmp_path / "out"
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,
+                   "-q")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "NaN or Inf" in line]
+    assert len(warnings) == 1, proc.stderr  # once, though the tensor is read in chunks
+    assert str(nan_model) in warnings[0] and BAD in warnings[0]
+    merged = load_file(out / "model.safetensors")
+    assert torch.isnan(merged[BAD][0, 0]) and torch.isinf(merged[BAD][1, 2])
+
+
+def test_strict_finite_refuses(tmp_path, llama_models, nan_model):
+    out = tmp_path / "out"
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,
+                   "-q", "--strict-finite")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_finite_inputs_give_no_warning(tmp_path, llama_models):
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, *llama_models[:2]),
+                   tmp_path / "out", "-q", "--strict-finite")
+    assert proc.returncode == 0, proc.stderr
+    assert "NaN" not in proc.stderr
