@@ -52,8 +52,9 @@ def run_merge(
         )
         tmp = output_folder.make_temp(out)
         try:
-            _write_weights(plan, sources, tmp, options)
+            hashes = _write_weights(plan, sources, tmp, options)
             _write_artifacts(config, plan, sources, tmp, out, options)
+            _write_manifest(config, plan, sources, tmp, options, hashes)
             output_folder.move_into_place(tmp, out)
         except BaseException:
             output_folder.discard(tmp)
@@ -76,13 +77,15 @@ def _device(options: MergeOptions) -> torch.device:
 
 def _write_weights(
     plan: MergePlan, sources: Mapping[str, ModelSource], tmp: Path, options: MergeOptions
-) -> None:
+) -> dict[str, str]:
+    """Write every shard; returns each shard's sha256."""
     from tqdm import tqdm
 
     device = _device(options)
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite)
     weight_map: dict[str, str] = {}
+    hashes: dict[str, str] = {}
     by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
     for job in plan.jobs:
         by_shard[job.shard].append(job)
@@ -97,12 +100,13 @@ def _write_weights(
                         writer.add(job.output_name, chunk)
                     weight_map[job.output_name] = filename
                     bar.update(job.nbytes)
-                writer.finish()
+                hashes[filename] = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
     if len(plan.shard_files) > 1:
         write_index(tmp, weight_map, plan.write_bytes)
+    return hashes
 
 
 # Row chunks of about this many elements (16 MB per float32 input) bound the memory of
@@ -241,6 +245,30 @@ def _write_artifacts(
     (tmp / output_folder.MARKER).write_text(config.to_yaml())
     if options.write_model_card:
         (tmp / "README.md").write_text(model_card(config, out.name))
+
+
+def _write_manifest(
+    config: MergeConfiguration,
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    tmp: Path,
+    options: MergeOptions,
+    hashes: dict[str, str],
+) -> None:
+    from mergekit import __version__
+    from mergekit.config import recipe_to_plain
+    from mergekit.io.manifest import manifest, write_manifest
+
+    read: dict[str, set[str]] = {}
+    for job in plan.jobs:
+        for ref in job.inputs + ((job.base,) if job.base else ()):
+            read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
+    # the options that change the output's bytes
+    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
+    if get_method(plan.method).random:
+        result_options["random_seed"] = options.random_seed
+    write_manifest(tmp, manifest(__version__, recipe_to_plain(config), result_options,
+                                 sources, read, hashes))
 
 
 def _tokenizer_folder(

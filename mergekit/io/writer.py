@@ -3,6 +3,7 @@ are written to disk as they are produced and no shard is ever held in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,13 +60,16 @@ class ShardWriter:
         self._next = 0
         self._written = 0  # bytes of the current entry accepted so far (row chunks)
         self._error: OSError | None = None
+        self._hash = hashlib.sha256()
         try:
             self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         except OSError as exc:
             raise merge_failure(str(path), f"cannot create ({exc.strerror})",
                                 "check the output folder's permissions and free space") from None
+        header = shard_header(entries)
+        self._hash.update(header)
         try:
-            self._file.write(shard_header(entries))
+            self._file.write(header)
         except OSError as exc:
             self._fail(exc)
         self._queue: queue.Queue[memoryview | None] = queue.Queue(self.QUEUE_DEPTH)
@@ -77,6 +81,7 @@ class ShardWriter:
             if self._error is None:
                 try:
                     self._file.write(data)
+                    self._hash.update(data)
                 except OSError as exc:
                     self._error = exc
 
@@ -110,7 +115,8 @@ class ShardWriter:
             self._queue.put(None)
             self._thread.join()
 
-    def finish(self) -> None:
+    def finish(self) -> str:
+        """Flush and sync the shard to disk; returns its sha256 (hex)."""
         if self._next != len(self._entries):
             raise RuntimeError(f"internal: {self.path.name} got {self._next} of "
                                f"{len(self._entries)} tensors")
@@ -123,6 +129,7 @@ class ShardWriter:
             self._file.close()
         except OSError as exc:
             self._fail(exc)
+        return self._hash.hexdigest()
 
     def abort(self) -> None:
         if getattr(self, "_thread", None) is not None:

@@ -1,0 +1,99 @@
+"""mergekit_manifest.json: what made this output (tool version, recipe, options that change
+the result, the inputs' revisions and files) and each shard's sha256, for checking later."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mergekit.io.model import ModelSource
+
+MANIFEST = "mergekit_manifest.json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def input_record(source: ModelSource, files: set[str]) -> dict[str, Any]:
+    """Revision (hub) and the files read, with size and, where known without reading the
+    file again, sha256 (the hub cache names each large file by its sha256)."""
+    record: dict[str, Any] = {"reference": str(source.ref)}
+    snapshot = source.folder
+    if snapshot.parent.name == "snapshots":
+        record["revision"] = snapshot.name
+    entries = {}
+    for name in sorted(files | {"config.json"}):
+        path = source.folder / name
+        if not path.exists():
+            continue
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        target = path.resolve()
+        if _SHA256.match(target.name):
+            entry["sha256"] = target.name
+        else:
+            entry["mtime"] = int(path.stat().st_mtime)
+        entries[name] = entry
+    record["files"] = entries
+    return record
+
+
+def manifest(
+    version: str,
+    recipe: dict[str, Any],
+    options: dict[str, Any],
+    sources: Mapping[str, ModelSource],
+    read_files: Mapping[str, set[str]],
+    shard_sha256: Mapping[str, str],
+) -> dict[str, Any]:
+    return {
+        "tool": "mergekit",
+        "version": version,
+        "recipe": recipe,
+        "options": options,
+        "inputs": [input_record(sources[k], read_files.get(k, set())) for k in sources],
+        "shards": dict(shard_sha256),
+    }
+
+
+def write_manifest(folder: Path, data: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> list[str]:
+    """Differences between the shards on disk and the manifest (empty when all match)."""
+    from mergekit.errors import usage_error
+
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        shards = data["shards"]
+        if not isinstance(shards, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise usage_error(str(folder), f"no {MANIFEST} here",
+                          "verify a folder written by mergekit-yaml") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise usage_error(str(path), "not a valid manifest", "the file is damaged") from None
+    problems = []
+    for name, expected in sorted(shards.items()):
+        shard = folder / name
+        if Path(name).name != name:
+            problems.append(f"{name}: not a file name inside the folder")
+        elif not shard.is_file():
+            problems.append(f"{name}: missing")
+        elif (actual := file_sha256(shard)) != expected:
+            problems.append(f"{name}: sha256 {actual} differs from the manifest's {expected}")
+    listed = set(shards)
+    for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in listed):
+        problems.append(f"{extra}: not in the manifest")
+    return problems
