@@ -54,6 +54,16 @@ GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
+EXAONE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '[|system|]' + message['content'] + '[|endofturn|]\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[|user|]' + message['content'] + '\\n' }}"
+    "{% else %}{{ '[|assistant|]' + message['content'] + '[|endofturn|]\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
 BUILTIN_TEMPLATES = {
     "chatml": CHATML,
     "llama3": LLAMA3,
@@ -61,6 +71,7 @@ BUILTIN_TEMPLATES = {
     "mistral": MISTRAL,
     "zephyr": ZEPHYR,
     "gemma": GEMMA,
+    "exaone": EXAONE,
 }
 
 

@@ -75,3 +75,15 @@ def test_auto_chat_template_picks_the_inputs_most_common(tokenized, merge):
     # m1 and m2 carry templates "template 1" and "template 2"; m0 has none
     out = merge(linear([tokenized[0], tokenized[2]], chat_template="auto"))
     assert read_json(out / "tokenizer_config.json")["chat_template"] == "{{ 'template 2' }}"
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_every_builtin_template_renders_each_turn(name):
+    import jinja2
+
+    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "ASK"},
+                {"role": "assistant", "content": "REPLY"}]
+    text = jinja2.Environment().from_string(BUILTIN_TEMPLATES[name]).render(
+        messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    positions = [text.index(m["content"]) for m in messages]
+    assert positions == sorted(positions)
