@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from mergekit.config import Conditional, Parameters
+from pydantic import ValidationError
+
+from mergekit.config import Conditional, MergeConfiguration, Parameters
+from mergekit.errors import usage_error
+
+if TYPE_CHECKING:
+    from mergekit.methods.registry import Method
 
 
 def interpolate_gradient(gradient: Sequence[float], t: float) -> float:
@@ -43,3 +50,81 @@ def resolve(
             value = interpolate_gradient(value, t)
         return True, value
     return False, None
+
+
+@dataclass(frozen=True)
+class ModelLevels:
+    """Where one input model's per-model parameters come from, highest precedence first."""
+
+    model: str
+    where: str  # YAML path of the model's entry, for errors
+    levels: Sequence[Parameters | None]
+
+
+def method_params(
+    method: Method,
+    per_model: Sequence[ModelLevels],
+    global_levels: Sequence[Parameters | None],
+    tensor: str,
+    t: float,
+    seed: int | None,
+) -> dict[str, Any]:
+    """The method's validated parameters for one tensor: per-model ones as tuples aligned
+    with ``per_model``, the others once. Missing or invalid values are recipe errors."""
+    values: dict[str, Any] = {}
+    for spec in method.params:
+        if spec.per_model:
+            per = []
+            for m in per_model:
+                found, v = resolve(m.levels, spec.name, tensor, t)
+                if not found:
+                    if spec.required:
+                        raise usage_error(
+                            f"{m.where}.parameters",
+                            f"'{method.name}' needs {spec.name!r} for model {m.model} "
+                            f"(tensor {tensor}) and none is set",
+                            f"set {spec.name} under this model's parameters or the "
+                            "top-level parameters")
+                    v = spec.default
+                per.append(v)
+            values[spec.name] = tuple(per)
+        else:
+            found, v = resolve(global_levels, spec.name, tensor, t)
+            if found:
+                values[spec.name] = v
+            elif spec.required:
+                raise usage_error(
+                    "parameters", f"'{method.name}' needs {spec.name!r} (tensor {tensor}) "
+                    "and none is set", f"set {spec.name} under parameters")
+    if seed is not None:
+        values["seed"] = seed
+    try:
+        params = method.make_params(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            name = str(err["loc"][0])
+            raise usage_error(f"parameters.{name}", f"{msg} (tensor {tensor}, value "
+                              f"{values.get(name)!r})", "fix the value in the recipe") from None
+        raise usage_error("parameters", f"{msg} (tensor {tensor})",
+                          "fix the value in the recipe") from None
+    return params.model_dump(by_alias=True)
+
+
+def misplaced_globals(method: Method, cfg: MergeConfiguration) -> list[str]:
+    """Warnings for whole-merge parameters set for one model, where they have no effect."""
+    globals_ = {p.name for p in method.params if not p.per_model}
+    places: list[tuple[str, Parameters | None]] = [
+        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models or [])
+    ] + [
+        (f"slices[{i}].sources[{j}].parameters", src.parameters)
+        for i, s in enumerate(cfg.slices or []) for j, src in enumerate(s.sources)
+    ] + [
+        (f"input_model_parameters.{k}", v) for k, v in (cfg.input_model_parameters or {}).items()
+    ]
+    return [
+        f"{where}.{name}: {name!r} applies to the whole merge, so it is ignored here; set it "
+        "under the top-level (or slice) parameters"
+        for where, params in places for name in sorted(set(params or {}) & globals_)
+    ]

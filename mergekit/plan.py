@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from mergekit.architecture import (
     LayerLayout,
     embedding_name,
@@ -21,7 +19,7 @@ from mergekit.io.dtypes import FLOAT_CODES, NAME_TO_ST, itemsize
 from mergekit.io.model import ModelSource
 from mergekit.io.safetensors_file import TensorInfo
 from mergekit.methods.registry import Method, get_method
-from mergekit.parameters import resolve
+from mergekit.parameters import ModelLevels, method_params, misplaced_globals
 from mergekit.refs import parse_model_reference
 
 
@@ -105,7 +103,7 @@ class _Planner:
         self.out_dtype = NAME_TO_ST[config.output_dtype] if config.output_dtype else None
         if not allow_crimes:
             self._check_architectures()
-        self._warn_misplaced_globals()
+        self.warnings.extend(misplaced_globals(self.method, config))
 
     # -- structure -------------------------------------------------------------
 
@@ -115,24 +113,6 @@ class _Planner:
             listing = ", ".join(f"{k}: {'/'.join(a) or '?'}" for k, a in archs.items())
             raise usage_error("models", f"the architectures differ ({listing})",
                               "merge models of one architecture, or pass --allow-crimes")
-
-    def _warn_misplaced_globals(self) -> None:
-        """Parameters of the whole merge set for one model have no effect: say so."""
-        globals_ = {p.name for p in self.method.params if not p.per_model}
-        places: list[tuple[str, Parameters | None]] = [
-            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.cfg.models or [])
-        ] + [
-            (f"slices[{i}].sources[{j}].parameters", src.parameters)
-            for i, s in enumerate(self.cfg.slices or []) for j, src in enumerate(s.sources)
-        ] + [
-            (f"input_model_parameters.{k}", v)
-            for k, v in (self.cfg.input_model_parameters or {}).items()
-        ]
-        for where, params in places:
-            for name in sorted(set(params or {}) & globals_):
-                self.warnings.append(
-                    f"{where}.{name}: {name!r} applies to the whole merge, so it is ignored "
-                    "here; set it under the top-level (or slice) parameters")
 
     def _slices(self) -> list[_Slice]:
         cfg = self.cfg
@@ -180,47 +160,14 @@ class _Planner:
     def _params(
         self, sl: _Slice, inputs: list[_Source], tensor: str, t: float
     ) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for spec in self.method.params:
-            if spec.per_model:
-                per = []
-                for src in inputs:
-                    levels = [src.params, sl.params, self.imp.get(src.model), self.cfg.parameters]
-                    found, v = resolve(levels, spec.name, tensor, t)
-                    if not found:
-                        if spec.required:
-                            raise usage_error(
-                                f"{src.where}.parameters",
-                                f"'{self.method.name}' needs {spec.name!r} for model {src.model} "
-                                f"(tensor {tensor}) and none is set",
-                                f"set {spec.name} under this model's parameters or the "
-                                "top-level parameters")
-                        v = spec.default
-                    per.append(v)
-                values[spec.name] = tuple(per)
-            else:
-                found, v = resolve([sl.params, self.cfg.parameters], spec.name, tensor, t)
-                if found:
-                    values[spec.name] = v
-                elif spec.required:
-                    raise usage_error(
-                        "parameters", f"'{self.method.name}' needs {spec.name!r} (tensor {tensor}) "
-                        "and none is set", f"set {spec.name} under parameters")
-        if self.method.random:
-            values["seed"] = tensor_seed(self.random_seed, tensor)
-        try:
-            params = self.method.make_params(values)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["loc"]:
-                name = str(err["loc"][0])
-                raise usage_error(f"parameters.{name}", f"{msg} (tensor {tensor}, value "
-                                  f"{values.get(name)!r})", "fix the value in the recipe"
-                                  ) from None
-            raise usage_error("parameters", f"{msg} (tensor {tensor})",
-                              "fix the value in the recipe") from None
-        return params.model_dump(by_alias=True)
+        per_model = [
+            ModelLevels(src.model, src.where,
+                        (src.params, sl.params, self.imp.get(src.model), self.cfg.parameters))
+            for src in inputs
+        ]
+        seed = tensor_seed(self.random_seed, tensor) if self.method.random else None
+        return method_params(self.method, per_model, (sl.params, self.cfg.parameters),
+                             tensor, t, seed)
 
     # -- one output tensor -------------------------------------------------------
 
