@@ -14,6 +14,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io import artifacts, output_folder
 from mergekit.io.dtypes import torch_dtype
+from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
+from mergekit.io.manifest import write_manifest
 from mergekit.io.model import ModelSource, open_model
 from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
@@ -31,7 +33,11 @@ log = logging.getLogger("mergekit")
 def run_merge(
     config: MergeConfiguration, out_path: str | Path, options: MergeOptions | None = None
 ) -> MergePlan:
-    """Merge as the recipe says into ``out_path``; returns the plan it executed."""
+    """Merge as the recipe says into ``out_path``; returns the plan it executed.
+
+    The work happens in ``.OUT.partial`` beside OUT; after a failure or an interruption the
+    finished shards stay there and the same call resumes from them (unless
+    ``options.resume`` is false)."""
     options = options or MergeOptions()
     out = Path(out_path)
     reader = SafetensorsReader()
@@ -50,14 +56,22 @@ def run_merge(
         output_folder.check_output(
             out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
         )
+        provenance = _provenance(config, plan, sources, options)
         tmp = output_folder.make_temp(out)
+        lock = output_folder.lock(tmp, out)
+        journal = None
         try:
-            hashes = _write_weights(plan, sources, tmp, options)
+            journal = Journal.open(tmp, fingerprint(provenance, format_plan(plan)),
+                                   plan.shard_files, options.resume)
+            hashes = _write_weights(plan, sources, tmp, options, journal)
             _write_artifacts(config, plan, sources, tmp, out, options)
-            _write_manifest(config, plan, sources, tmp, options, hashes)
+            write_manifest(tmp, {**provenance, "shards": hashes})
+            stop_for_test("before-move")
+            journal.remove()
             output_folder.move_into_place(tmp, out)
-        except BaseException:
-            output_folder.discard(tmp)
+            lock.release(out)
+        except BaseException as exc:
+            keep_partial_work(exc, tmp, lock, journal, len(plan.shard_files))
             raise
     finally:
         reader.close()
@@ -76,37 +90,48 @@ def _device(options: MergeOptions) -> torch.device:
 
 
 def _write_weights(
-    plan: MergePlan, sources: Mapping[str, ModelSource], tmp: Path, options: MergeOptions
+    plan: MergePlan, sources: Mapping[str, ModelSource], tmp: Path, options: MergeOptions,
+    journal: Journal,
 ) -> dict[str, str]:
-    """Write every shard; returns each shard's sha256."""
+    """Write every shard the journal does not list as finished, recording each one there;
+    returns every shard's sha256."""
     from tqdm import tqdm
 
     device = _device(options)
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite)
     weight_map: dict[str, str] = {}
-    hashes: dict[str, str] = {}
+    hashes = dict(journal.done)
     by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
     for job in plan.jobs:
         by_shard[job.shard].append(job)
+    added = 0  # tensors written by this run (for the test hook)
     with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
               disable=options.quiet, dynamic_ncols=True) as bar:
-        for filename, jobs in zip(plan.shard_files, by_shard):
+        for number, (filename, jobs) in enumerate(zip(plan.shard_files, by_shard), 1):
+            weight_map.update((j.output_name, filename) for j in jobs)
+            if filename in hashes:  # finished by an earlier run
+                bar.update(sum(j.nbytes for j in jobs))
+                continue
+            stop_for_test(f"shard-start:{number}")
             entries = [ShardEntry(j.output_name, j.dtype, j.shape) for j in jobs]
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
                     for chunk in execute_job(job, method, sources, device, check):
                         writer.add(job.output_name, chunk)
-                    weight_map[job.output_name] = filename
                     bar.update(job.nbytes)
+                    added += 1
+                    stop_for_test(f"tensor:{added}")
                 hashes[filename] = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
+            journal.add(filename, hashes[filename])
+            stop_for_test(f"shard-done:{number}")
     if len(plan.shard_files) > 1:
         write_index(tmp, weight_map, plan.write_bytes)
-    return hashes
+    return {name: hashes[name] for name in plan.shard_files}
 
 
 # Row chunks of about this many elements (16 MB per float32 input) bound the memory of
@@ -158,7 +183,12 @@ def execute_job(
         return
     params = method.make_params(dict(job.params))
 
-    def inputs(rows: tuple[int, int] | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    row_numel = math.prod(job.shape[1:])
+
+    def inputs(
+        rows: tuple[int, int] | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
+        """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
             t = sources[model].read(name, rows).to(device=device, dtype=torch.float32,
                                                    non_blocking=True)
@@ -168,7 +198,8 @@ def execute_job(
 
         shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
         base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
-        return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base
+        offset = rows[0] * row_numel if rows else 0
+        return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base, offset
 
     chunks = _row_chunks(job, method, params, sources)
     loaded = None
@@ -179,8 +210,11 @@ def execute_job(
         else:  # too large to hold: each pass reads the chunks again
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
     for n, rows in enumerate(chunks):
-        tensors, base = loaded[n] if loaded is not None else inputs(rows)
-        result = method.fn(tensors, base, params)
+        tensors, base, offset = loaded[n] if loaded is not None else inputs(rows)
+        if method.random:  # draws follow the element's position in the whole tensor
+            result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
+        else:
+            result = method.fn(tensors, base, params)
         shape = tensors[0].shape
         if result.shape != shape:
             raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
@@ -198,7 +232,8 @@ def _row_chunks(
 ) -> list[tuple[int, int] | None]:
     """[None] for one whole-tensor call, else row ranges covering the first dimension."""
     numel = math.prod(job.shape)
-    if numel <= CHUNK_ELEMENTS or not job.shape or not method.runs_elementwise(params):
+    # 1-D tensors stay whole: row-wise methods (della) treat them as one row
+    if numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or not method.runs_elementwise(params):
         return [None]
     refs = ([job.base] if job.base else []) + list(job.inputs)
     if any(sources[r.model].info(r.name).shape != job.shape for r in refs):
@@ -247,17 +282,16 @@ def _write_artifacts(
         (tmp / "README.md").write_text(model_card(config, out.name))
 
 
-def _write_manifest(
+def _provenance(
     config: MergeConfiguration,
     plan: MergePlan,
     sources: Mapping[str, ModelSource],
-    tmp: Path,
     options: MergeOptions,
-    hashes: dict[str, str],
-) -> None:
+) -> dict[str, object]:
+    """The manifest without the shards' sha256: what decides the output's bytes."""
     from mergekit import __version__
     from mergekit.config import recipe_to_plain
-    from mergekit.io.manifest import manifest, write_manifest
+    from mergekit.io.manifest import manifest
 
     read: dict[str, set[str]] = {}
     for job in plan.jobs:
@@ -267,8 +301,9 @@ def _write_manifest(
     result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
     if get_method(plan.method).random:
         result_options["random_seed"] = options.random_seed
-    write_manifest(tmp, manifest(__version__, recipe_to_plain(config), result_options,
-                                 sources, read, hashes))
+    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {})
+    del record["shards"]
+    return record
 
 
 def _tokenizer_folder(

@@ -21,6 +21,13 @@ RECIPES = {
          "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
     "slerp": lambda a, b, c: {"merge_method": "slerp", "base_model": a, "models": [
         {"model": a}, {"model": b}], "parameters": {"t": [0.1, 0.9]}},
+    "dare_ties": lambda a, b, c: {"merge_method": "dare_ties", "base_model": a, "models": [
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.4}},
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.7}}]},
+    "della_linear": lambda a, b, c: {"merge_method": "della_linear", "base_model": a,
+                                     "models": [
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.4, "epsilon": 0.1}},
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.7}}]},
     "task_arithmetic": lambda a, b, c: {"merge_method": "task_arithmetic", "base_model": a,
                                         "dtype": "bfloat16", "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.2}}]},

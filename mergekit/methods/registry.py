@@ -46,6 +46,11 @@ class RandomParams(MethodParams):
         0, description="set by the engine from --random-seed and the tensor name",
         json_schema_extra={"internal": True},
     )
+    offset: int = Field(
+        0, description="set by the engine: flat index of the first element passed (row "
+        "chunks), so draws depend on the element, not on the chunking",
+        json_schema_extra={"internal": True},
+    )
 
 
 def is_internal(info: FieldInfo) -> bool:

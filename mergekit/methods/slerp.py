@@ -31,10 +31,11 @@ def prepare_slerp(
     import torch
 
     total = torch.zeros(3, dtype=torch.float64)
-    for (other,), base in chunks():
-        a = base.reshape(-1).double()
-        b = other.reshape(-1).double()
-        total += torch.stack([torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]).cpu()
+    for (other,), base, *_ in chunks():
+        # products in float32, sums in float64: no float64 copy of large tensors
+        total += torch.stack([(base * base).sum(dtype=torch.float64),
+                              (other * other).sum(dtype=torch.float64),
+                              (base * other).sum(dtype=torch.float64)]).cpu()
     return params.model_copy(update={"sums": tuple(total.tolist())})
 
 

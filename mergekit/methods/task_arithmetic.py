@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from mergekit.methods.random_stream import uniform
 from mergekit.methods.registry import MethodParams, PerModelFloat, RandomParams, register
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class DareParams(RandomParams):
         "the keep probability (the DARE paper)")
     lambda_: float = _lambda()
     int8_mask: bool = _int8_mask()
+    # Set by prepare_random_sparse: per model, the whole tensor's L1 rescale factor.
+    l1_scale: tuple[float, ...] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
 
     @model_validator(mode="after")
     def _densities(self) -> DareParams:
@@ -211,13 +215,12 @@ def keep_top_magnitude(delta: torch.Tensor, density: float,
     return delta * (delta.abs() >= floor)
 
 
-def keep_random(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+def keep_random(delta: torch.Tensor, density: float, seed: int, stream: int,
+                offset: int) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (rescaling is done later)."""
-    import torch
-
     if density >= 1.0:
         return delta
-    draw = torch.rand(delta.shape, generator=gen, dtype=torch.float32)
+    draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
     return delta * (draw < density).to(device=delta.device)
 
 
@@ -255,14 +258,12 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
 
 
 def keep_della(
-    delta: torch.Tensor, density: float, epsilon: float, gen: torch.Generator
+    delta: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DELLA: keep each entry with its rank-based probability; returns (kept, probs)."""
-    import torch
-
     probs = della_probabilities(delta, density, epsilon)
-    draw = torch.rand(delta.shape, generator=gen, dtype=torch.float32).to(delta.device)
-    return delta * (draw < probs), probs
+    draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
+    return delta * (draw.to(delta.device) < probs), probs
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -329,12 +330,6 @@ def combine(
     return base + lambda_ * mixed
 
 
-def generator(seed: int) -> torch.Generator:
-    import torch
-
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
 # -- the methods -----------------------------------------------------------------------
 
 
@@ -363,7 +358,7 @@ def prepare_ties(
     if sparse:
 
         def deltas() -> Iterable[list[torch.Tensor]]:
-            return ([xs[i] - base for i in sparse] for xs, base in chunks())
+            return ([xs[i] - base for i in sparse] for xs, base, *_ in chunks())
 
         densities = [params.density[i] for i in sparse]
         for i, floor in zip(sparse, kth_largest_magnitudes(deltas, densities)):
@@ -371,7 +366,7 @@ def prepare_ties(
     scales = None
     if params.rescale:
         totals = torch.zeros((len(floors), 2), dtype=torch.float64)  # (sum |d|, sum |kept|)
-        for xs, base in chunks():
+        for xs, base, *_ in chunks():
             for i, floor in enumerate(floors):
                 magnitude = (xs[i] - base).abs()
                 totals[i, 0] += magnitude.sum(dtype=torch.float64).cpu()
@@ -401,13 +396,14 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesPar
 
 
 def _rescaled(delta: torch.Tensor, kept: torch.Tensor, probs: torch.Tensor | float,
-              params: DareParams | BreadcrumbsParams) -> torch.Tensor:
+              params: DareParams | BreadcrumbsParams, i: int) -> torch.Tensor:
     import torch
 
     if not params.rescale:
         return kept
     if getattr(params, "rescale_mode", "l1") == "l1":
-        return rescale_l1(delta, kept)
+        scales = getattr(params, "l1_scale", None)
+        return kept * scales[i] if scales is not None else rescale_l1(delta, kept)
     if isinstance(probs, float):
         return kept / probs if probs > 0 else kept
     return kept / torch.where(probs > 0, probs, 1.0)
@@ -430,19 +426,54 @@ def _sparse_merge(
             deltas.append(delta)
             continue
         kept, probs = sparsify(delta, density, i)
-        deltas.append(_rescaled(delta, kept, probs, params))
+        deltas.append(_rescaled(delta, kept, probs, params, i))
     return combine(base, deltas, params.weight, consensus=consensus,
                    normalize=params.normalize, lambda_=params.lambda_)
 
 
+def _random_sparsifier(
+    params: DareParams,
+) -> Callable[[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor | float]]:
+    """The random sparsifier of dare or della (which has an epsilon), for model index i."""
+    if isinstance(params, DellaLinearParams):
+        return lambda d, p, i: keep_della(d, p, params.epsilon[i], params.seed, i,
+                                          params.offset)
+    return lambda d, p, i: (keep_random(d, p, params.seed, i, params.offset), p)
+
+
+def prepare_random_sparse(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor, int]]],
+    params: DareParams,
+) -> DareParams:
+    """Whole-tensor L1 rescale factors of dare and della, from a pass over row chunks
+    (the random draws depend on each element's position, so they repeat exactly)."""
+    import torch
+
+    if not params.rescale or params.rescale_mode != "l1":
+        return params.model_copy(update={"l1_scale": (1.0,) * len(params.density)})
+    totals = torch.zeros((len(params.density), 2), dtype=torch.float64)  # sum |d|, sum |kept|
+    for xs, base, offset in chunks():
+        sparsify = _random_sparsifier(params.model_copy(update={"offset": offset}))
+        for i, density in enumerate(params.density):
+            if density < 1.0:
+                delta = xs[i] - base
+                totals[i, 0] += delta.abs().sum(dtype=torch.float64).cpu()
+                totals[i, 1] += sparsify(delta, density, i)[0].abs().sum(
+                    dtype=torch.float64).cpu()
+    scales = tuple(float(a / b) if b > 0 else 1.0 for a, b in totals.tolist())
+    return params.model_copy(update={"l1_scale": scales})
+
+
 def _dare(tensors: list[torch.Tensor], base: torch.Tensor | None,
           params: DareParams, consensus: str | None) -> torch.Tensor:
-    gen = generator(params.seed)
-    return _sparse_merge(tensors, base, params,
-                         lambda d, p, _i: (keep_random(d, p, gen), p), consensus)
+    assert base is not None
+    if params.l1_scale is None:
+        params = prepare_random_sparse(lambda: [(tensors, base, params.offset)], params)
+    return _sparse_merge(tensors, base, params, _random_sparsifier(params), consensus)
 
 
-@register("dare_linear", DareParams, base="required", shape_policy="base", random=True)
+@register("dare_linear", DareParams, base="required", shape_policy="base", random=True,
+          elementwise=True, prepare=prepare_random_sparse)
 def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DareParams):
     """DARE (linear)
 
@@ -451,7 +482,8 @@ def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: 
     return _dare(tensors, base, params, None)
 
 
-@register("dare_ties", DareTiesParams, base="required", shape_policy="base", random=True)
+@register("dare_ties", DareTiesParams, base="required", shape_policy="base", random=True,
+          elementwise=True, prepare=prepare_random_sparse)
 def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DareTiesParams):
     """DARE (with TIES sign consensus)
 
@@ -489,12 +521,11 @@ def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor | None,
 
 def _della(tensors: list[torch.Tensor], base: torch.Tensor | None,
            params: DellaLinearParams, consensus: str | None) -> torch.Tensor:
-    gen = generator(params.seed)
-    return _sparse_merge(tensors, base, params,
-                         lambda d, p, i: keep_della(d, p, params.epsilon[i], gen), consensus)
+    return _dare(tensors, base, params, consensus)
 
 
-@register("della", DellaParams, base="required", shape_policy="base", random=True)
+@register("della", DellaParams, base="required", shape_policy="base", random=True,
+          elementwise=True, prepare=prepare_random_sparse)
 def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DellaParams):
     """DELLA (with TIES sign consensus)
 
@@ -503,7 +534,8 @@ def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: DellaP
     return _della(tensors, base, params, params.consensus)
 
 
-@register("della_linear", DellaLinearParams, base="required", shape_policy="base", random=True)
+@register("della_linear", DellaLinearParams, base="required", shape_policy="base", random=True,
+          elementwise=True, prepare=prepare_random_sparse)
 def della_linear(tensors: list[torch.Tensor], base: torch.Tensor | None,
                  params: DellaLinearParams):
     """DELLA (linear)
