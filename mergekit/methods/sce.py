@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from mergekit.methods.registry import MethodParams, register
-from mergekit.methods.task_arithmetic import elect_sign_mask
+from mergekit.methods.task_vectors import elect_sign_mask
 
 if TYPE_CHECKING:
     import torch

@@ -9,8 +9,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from mergekit.methods.random_stream import uniform
 from mergekit.methods.registry import MethodParams, PerModelFloat, RandomParams, register
+from mergekit.methods.task_vectors import (
+    combine,
+    keep_della,
+    keep_magnitude_band,
+    keep_random,
+    keep_top_magnitude,
+    kth_largest_magnitudes,
+    rescale_l1,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -149,185 +157,6 @@ class DellaLinearParams(DareParams):
 class DellaParams(DellaLinearParams):
     normalize: bool = Field(True, description="divide by the summed weights")
     consensus: Consensus = _consensus()
-
-
-# -- sparsification ------------------------------------------------------------------
-
-
-def top_count(density: float, numel: int) -> int:
-    """Entries a magnitude sparsifier keeps: at least one, as the established tool."""
-    return max(1, int(density * numel))
-
-
-def kth_largest_magnitudes(
-    chunks: Callable[[], Iterable[list[torch.Tensor]]], densities: Sequence[float]
-) -> list[float]:
-    """For each of several tensors streamed together as re-iterable row chunks, the
-    k-th largest |value| with k = top_count(densities[i], numel): the smallest magnitude
-    a magnitude sparsifier keeps.
-
-    Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
-    pass counts the high 16 bits, a second the low 16 bits inside the bucket holding the
-    k-th value. Memory is one chunk; the result is exact and independent of chunking.
-    """
-    import torch
-
-    def bits(chunk: torch.Tensor) -> torch.Tensor:
-        return chunk.abs().to(torch.float32).reshape(-1).view(torch.int32)
-
-    def count_from_top(hist: torch.Tensor) -> torch.Tensor:  # entries in buckets >= b
-        return torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-
-    n = len(densities)
-    high = torch.zeros((n, 1 << 15), dtype=torch.int64)
-    for parts in chunks():
-        for i, chunk in enumerate(parts):
-            high[i] += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
-    buckets, needs = [], []
-    for i, density in enumerate(densities):
-        k = top_count(density, int(high[i].sum()))
-        above = count_from_top(high[i])
-        bucket = int(torch.nonzero(above >= k).max())
-        buckets.append(bucket)
-        needs.append(k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0))
-    low = torch.zeros((n, 1 << 16), dtype=torch.int64)
-    for parts in chunks():
-        for i, chunk in enumerate(parts):
-            b = bits(chunk)
-            inside = (b[(b >> 16) == buckets[i]] & 0xFFFF).to(torch.int64).cpu()
-            low[i] += torch.bincount(inside, minlength=1 << 16)
-    out = []
-    for i in range(n):
-        lo = int(torch.nonzero(count_from_top(low[i]) >= needs[i]).max())
-        value = torch.tensor([(buckets[i] << 16) | lo], dtype=torch.int32).view(torch.float32)
-        out.append(float(value))
-    return out
-
-
-def keep_top_magnitude(delta: torch.Tensor, density: float,
-                       floor: float | None = None) -> torch.Tensor:
-    """Keep the max(1, int(density * numel)) entries of largest magnitude (entries tied
-    with the last one kept are kept too); ``floor`` is that magnitude when known."""
-    if density >= 1.0:
-        return delta
-    if floor is None:
-        (floor,) = kth_largest_magnitudes(lambda: [[delta]], [density])
-    return delta * (delta.abs() >= floor)
-
-
-def keep_random(delta: torch.Tensor, density: float, seed: int, stream: int,
-                offset: int) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (rescaling is done later)."""
-    if density >= 1.0:
-        return delta
-    draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
-    return delta * (draw < density).to(device=delta.device)
-
-
-def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the largest ``gamma`` fraction, keep the next ``density`` fraction.
-
-    The kept count is int(density * numel) whatever the size, so a tensor too small to
-    drop any outlier still keeps its share.
-    """
-    import torch
-
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    keep_count = int(density * n)
-    drop_top = min(int(gamma * n), n - keep_count)
-    if keep_count >= n:
-        return delta
-    if keep_count <= 0:
-        return torch.zeros_like(delta)
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[order[drop_top:drop_top + keep_count]] = True
-    return (flat * keep).reshape(delta.shape)
-
-
-def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Per row, keep probability (density - eps) + 2 eps * (magnitude rank in [0, 1])."""
-    import torch
-
-    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
-    n = rows.shape[-1]
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1)
-    position = ranks.to(delta.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
-    return ((density - epsilon) + 2.0 * epsilon * position).reshape(delta.shape)
-
-
-def keep_della(
-    delta: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DELLA: keep each entry with its rank-based probability; returns (kept, probs)."""
-    probs = della_probabilities(delta, density, epsilon)
-    draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
-    return delta * (draw.to(delta.device) < probs), probs
-
-
-def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale ``kept`` so its L1 norm equals the original's (no-op when nothing is kept)."""
-    before = float(original.abs().sum())
-    after = float(kept.abs().sum())
-    return kept * (before / after) if after > 0 else kept
-
-
-# -- merging -------------------------------------------------------------------------
-
-
-def elect_sign_mask(weighted: torch.Tensor, consensus: str) -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected sign.
-
-    ``weighted``: (n_models, ...) weighted task vectors. Zero entries never agree.
-    """
-    import torch
-
-    signs = torch.sign(weighted)
-    votes = weighted.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    return signs == elected
-
-
-def combine(
-    base: torch.Tensor,
-    deltas: list[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    consensus: str | None,
-    normalize: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """base + lambda * (sum of weighted, optionally sign-agreeing deltas [/ their weights]).
-
-    Works model by model on tensors of the base's shape (no stacked copies), since this
-    runs on every chunk of every tensor.
-    """
-    import torch
-
-    w = torch.tensor(list(weights), dtype=base.dtype)  # float32 weights, as the math
-    weighted = [d * w[i] for i, d in enumerate(deltas)]
-    mixed = torch.zeros_like(base)
-    if consensus is None:
-        for wd in weighted:
-            mixed += wd
-        total = float(w.sum())
-        if normalize:
-            mixed /= total if total != 0 else 1.0
-    else:
-        votes = torch.zeros_like(base)
-        for wd in weighted:
-            votes += wd if consensus == "sum" else torch.sign(wd)
-        elected = torch.where(votes >= 0, 1.0, -1.0)
-        del votes
-        divisor = torch.zeros_like(base)
-        for i, wd in enumerate(weighted):
-            agree = (wd * elected) > 0  # same sign as elected; zeros never agree
-            mixed += wd * agree
-            divisor += agree * w[i]
-        if normalize:
-            mixed /= torch.where(divisor == 0, 1.0, divisor)
-    return base + lambda_ * mixed
 
 
 # -- the methods -----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import load_state
 from pydantic import ValidationError
 
 from mergekit.methods.registry import get_method
-from mergekit.methods.task_arithmetic import della_probabilities
+from mergekit.methods.task_vectors import della_probabilities
 
 SHAPE = (200, 200)
 ZERO = np.zeros(SHAPE, dtype=np.float32)
