@@ -45,6 +45,8 @@ class MergeOptions(BaseModel):
     dry_run: bool = Field(False, description="print the plan; read and write no weights")
     strict_finite: bool = Field(False, description="fail on NaN or Inf in an input tensor "
                                 "instead of warning")
+    resume: bool = Field(True, description="keep the shards an interrupted run of the same "
+                         "merge finished (False: start over)")
 
     @field_validator("out_shard_size", mode="before")
     @classmethod

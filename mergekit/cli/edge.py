@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,21 +26,48 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.propagate = False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the merge stops as cleanly as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def guarded(fn: Callable[[], T], verbose: bool) -> T:
-    """Run ``fn``; a MergeError becomes ``error: ...`` on stderr and its exit code."""
+    """Run ``fn``; a MergeError becomes ``error: ...`` on stderr and its exit code, and
+    Ctrl-C or SIGTERM exit 130 or 143. Notes on the exception (how to resume) follow the
+    error line."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     try:
         return fn()
     except MergeError as exc:
         if verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        _report(str(exc), exc)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        if getattr(exc, "__notes__", None):
+            _report(f"{what}; nothing was written to the output folder", exc)
+        else:
+            _report(f"{what}; nothing was written to the output folder; rerun the same "
+                    "command to start again", exc)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except Exception as exc:  # noqa: BLE001 - the edge reports every failure
         if verbose:
             traceback.print_exc()
-        print(f"error: {type(exc).__name__}: {exc}; run again with -v for the traceback",
-              file=sys.stderr)
+        _report(f"{type(exc).__name__}: {exc}; run again with -v for the traceback", exc)
         raise typer.Exit(1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report(message: str, exc: BaseException) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    for note in getattr(exc, "__notes__", ()):
+        print(note, file=sys.stderr)

@@ -52,3 +52,7 @@ StrictFinite = Annotated[
     bool, typer.Option("--strict-finite", help="Fail on NaN or Inf in an input tensor "
                        "instead of warning.")
 ]
+Resume = Annotated[
+    bool, typer.Option("--resume/--no-resume", help="Keep the shards an interrupted run of the "
+                       "same merge finished (default), or start over.")
+]

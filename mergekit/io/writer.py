@@ -49,20 +49,22 @@ class ShardWriter:
 
     Tensor bytes are written by a background thread, so the disk works while the next
     tensor is merged; at most ``QUEUE_DEPTH`` chunks wait. A write error surfaces at the
-    next ``add`` or at ``finish``.
+    next ``add`` or at ``finish``. The bytes go to ``<name>.part``, renamed to ``path`` by
+    ``finish`` once synced, so a file under the shard's name is always complete.
     """
 
     QUEUE_DEPTH = 4
 
     def __init__(self, path: Path, entries: list[ShardEntry]) -> None:
         self.path = path
+        self.part_path = path.with_name(path.name + ".part")
         self._entries = entries
         self._next = 0
         self._written = 0  # bytes of the current entry accepted so far (row chunks)
         self._error: OSError | None = None
         self._hash = hashlib.sha256()
         try:
-            self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+            self._file: BinaryIO = open(self.part_path, "wb")  # noqa: SIM115 - see abort()
         except OSError as exc:
             raise merge_failure(str(path), f"cannot create ({exc.strerror})",
                                 "check the output folder's permissions and free space") from None
@@ -116,7 +118,7 @@ class ShardWriter:
             self._thread.join()
 
     def finish(self) -> str:
-        """Flush and sync the shard to disk; returns its sha256 (hex)."""
+        """Flush and sync the shard to disk and give it its name; returns its sha256 (hex)."""
         if self._next != len(self._entries):
             raise RuntimeError(f"internal: {self.path.name} got {self._next} of "
                                f"{len(self._entries)} tensors")
@@ -127,11 +129,14 @@ class ShardWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            os.replace(self.part_path, self.path)
+            sync_folder(self.path.parent)
         except OSError as exc:
             self._fail(exc)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        """Stop writing and delete the unfinished file."""
         if getattr(self, "_thread", None) is not None:
             self._error = self._error or OSError("aborted")
             self._stop()
@@ -139,6 +144,21 @@ class ShardWriter:
             self._file.close()
         except OSError:
             pass
+        self.part_path.unlink(missing_ok=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames and new files in ``folder`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _u8() -> torch.dtype:
