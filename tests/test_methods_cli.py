@@ -115,3 +115,20 @@ def test_unknown_method_suggests_the_closest():
     assert "unknown method 'tie'" in result.stderr
     assert "did you mean 'ties'?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_closed_pipe_is_not_an_error():
+    """Output into a pipe whose reader has gone (`mergekit-methods | head`): no error."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: a certain EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mergekit.cli.methods_cmd"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "error" not in proc.stderr.lower(), proc.stderr

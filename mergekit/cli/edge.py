@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -57,6 +58,9 @@ def guarded(fn: Callable[[], T], verbose: bool) -> T:
             _report(f"{what}; nothing was written to the output folder; rerun the same "
                     "command to start again", exc)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+    except BrokenPipeError:  # the reader went away (`mergekit-methods | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except Exception as exc:  # noqa: BLE001 - the edge reports every failure
         if verbose:
             traceback.print_exc()
