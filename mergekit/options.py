@@ -43,6 +43,8 @@ class MergeOptions(BaseModel):
     verbose: bool = Field(False, description="show tracebacks and details")
     quiet: bool = Field(False, description="no progress bar")
     dry_run: bool = Field(False, description="print the plan; read and write no weights")
+    hash_inputs: bool = Field(False, description="record the sha256 of local input files in "
+                              "the manifest (reads them once more)")
     strict_finite: bool = Field(False, description="fail on NaN or Inf in an input tensor "
                                 "instead of warning")
     resume: bool = Field(True, description="keep the shards an interrupted run of the same "

@@ -301,7 +301,8 @@ def _provenance(
     result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
     if get_method(plan.method).random:
         result_options["random_seed"] = options.random_seed
-    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {})
+    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {},
+                      options.hash_inputs)
     del record["shards"]
     return record
 

@@ -56,3 +56,15 @@ def test_verify_without_manifest_is_a_usage_error(tmp_path):
     proc = run_cli("mergekit.cli.verify_cmd", tmp_path)
     assert proc.returncode == 2
     assert "no mergekit_manifest.json here" in proc.stderr
+
+
+def test_hash_inputs_records_local_file_sha256(llama_models, merge):
+    a, b, _ = llama_models
+    out = merge({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(b), "parameters": {"weight": 1.0}}]}, hash_inputs=True)
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    files = {e["reference"]: e["files"] for e in data["inputs"]}
+    assert files[str(b)]["model.safetensors"]["sha256"] == sha256(b / "model.safetensors")
+    assert files[str(a)]["config.json"]["sha256"] == sha256(a / "config.json")
+    assert "mtime" not in files[str(a)]["model.safetensors"]

@@ -48,6 +48,10 @@ DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Check the recipe against the inputs' headers and print "
                        "the plan; read and write no weights.")
 ]
+HashInputs = Annotated[
+    bool, typer.Option("--hash-inputs", help="Record the sha256 of local input files in the "
+                       "manifest (reads them once more).")
+]
 StrictFinite = Annotated[
     bool, typer.Option("--strict-finite", help="Fail on NaN or Inf in an input tensor "
                        "instead of warning.")

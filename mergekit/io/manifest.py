@@ -16,9 +16,11 @@ MANIFEST = "mergekit_manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def input_record(source: ModelSource, files: set[str]) -> dict[str, Any]:
-    """Revision (hub) and the files read, with size and, where known without reading the
-    file again, sha256 (the hub cache names each large file by its sha256)."""
+def input_record(source: ModelSource, files: set[str], hash_files: bool = False
+                 ) -> dict[str, Any]:
+    """Revision (hub) and the files read, with size and sha256 where known without reading
+    the file again (the hub cache names each large file by its sha256); other files get
+    their modification time, or with ``hash_files`` their sha256."""
     record: dict[str, Any] = {"reference": str(source.ref)}
     snapshot = source.folder
     if snapshot.parent.name == "snapshots":
@@ -32,6 +34,8 @@ def input_record(source: ModelSource, files: set[str]) -> dict[str, Any]:
         target = path.resolve()
         if _SHA256.match(target.name):
             entry["sha256"] = target.name
+        elif hash_files:
+            entry["sha256"] = file_sha256(path)
         else:
             entry["mtime"] = int(path.stat().st_mtime)
         entries[name] = entry
@@ -46,13 +50,15 @@ def manifest(
     sources: Mapping[str, ModelSource],
     read_files: Mapping[str, set[str]],
     shard_sha256: Mapping[str, str],
+    hash_inputs: bool = False,
 ) -> dict[str, Any]:
     return {
         "tool": "mergekit",
         "version": version,
         "recipe": recipe,
         "options": options,
-        "inputs": [input_record(sources[k], read_files.get(k, set())) for k in sources],
+        "inputs": [input_record(sources[k], read_files.get(k, set()), hash_inputs)
+                   for k in sources],
         "shards": dict(shard_sha256),
     }
 
