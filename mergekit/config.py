@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,16 @@ Scalar = float | int | bool | str
 Gradient = tuple[float, ...]
 
 
+def short_repr(value: Any) -> str:
+    """A one-line repr of user data, cut short: recipes may hold huge or aliased values."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
+    short.maxset = short.maxfrozenset = 4
+    short.maxstring = short.maxother = 60
+    text = short.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class Conditional(BaseModel):
     """One ``{filter, value}`` entry: applies to tensors whose name contains ``filter``."""
 
@@ -31,29 +43,38 @@ class Conditional(BaseModel):
     value: Scalar | Gradient = Field(description="a scalar, or a gradient (list of numbers)")
 
 
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{v} is not a finite number; give a number")
+    return v
+
+
 def _parse_value(raw: Any) -> Scalar | Gradient:
     if isinstance(raw, bool | int | float | str):
-        return raw
+        return _finite(raw)
     if isinstance(raw, list | tuple):
         if not raw:
             raise ValueError("a gradient needs at least one number")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
-            raise ValueError(f"a gradient is a list of numbers, got {raw!r}")
-        return tuple(float(v) for v in raw)
-    raise ValueError(f"expected a number, a list of numbers or {{filter, value}}, got {raw!r}")
+            raise ValueError(f"a gradient is a list of numbers, got {short_repr(raw)}")
+        return tuple(_finite(float(v)) for v in raw)
+    raise ValueError(
+        f"expected a number, a list of numbers or {{filter, value}}, got {short_repr(raw)}")
 
 
 def _parse_conditional(raw: Any) -> Conditional:
     if not isinstance(raw, dict):
-        raise ValueError(f"expected {{filter, value}}, got {raw!r}")
+        raise ValueError(f"expected {{filter, value}}, got {short_repr(raw)}")
     unknown = set(raw) - {"filter", "value"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in a {{filter, value}} entry")
+        listing = ", ".join(sorted(yaml_key(k) for k in unknown))
+        raise ValueError(f"unknown key(s) {listing} in a {{filter, value}} entry; "
+                         "an entry has only 'filter' and 'value'")
     if "value" not in raw:
         raise ValueError("a {filter, value} entry needs a 'value'")
     flt = raw.get("filter")
     if flt is not None and not isinstance(flt, str):
-        raise ValueError(f"a filter is a string, got {flt!r}")
+        raise ValueError(f"a filter is a string, got {short_repr(flt)}")
     return Conditional(filter=flt, value=_parse_value(raw["value"]))
 
 
@@ -216,35 +237,76 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=Dumper, sort_keys=False)
 
 
+def yaml_key(key: Any) -> str:
+    """A mapping key as a location names it: quoted (and cut short) where it is empty, long,
+    or has line breaks or other unprintable characters."""
+    text = key if isinstance(key, str) else str(key)
+    plain = text and text.isprintable() and text.strip() == text and len(text) <= 200
+    return text if plain else short_repr(text)
+
+
 def yaml_location(loc: tuple[Any, ...]) -> str:
     """('slices', 1, 'sources', 0, 'layer_range') -> 'slices[1].sources[0].layer_range'."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         elif out:
-            out += f".{part}"
+            out += f".{yaml_key(part)}"
         else:
-            out = str(part)
+            out = yaml_key(part)
     return out
 
 
-def _error_from_validation(exc: ValidationError, source: str) -> MergeError:
+def _user_location(data: Any, loc: tuple[Any, ...]) -> tuple[str, bool]:
+    """The YAML path of a pydantic error location, walking the recipe data alongside it.
+
+    Parts the data has are kept (a dict's int key is a key, not an index); pydantic's step
+    names (union members, ``function-before[...]``, ``[key]``) are dropped. Returns the path
+    and whether the error is about a mapping key itself.
+    """
+    out, node, about_key = "", data, False
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out += f".{yaml_key(part)}" if out else yaml_key(part)
+            node = node[part]
+        elif (isinstance(node, list | tuple) and isinstance(part, int)
+              and not isinstance(part, bool) and -len(node) <= part < len(node)):
+            out += f"[{part}]"
+            node = node[part]
+        elif part == "[key]":
+            about_key = True
+        elif isinstance(part, str) and "[" in part:
+            continue  # pydantic's own step name
+        else:  # a missing field or item: named, but there is nothing below it
+            named = yaml_location((part,))
+            out += f".{named}" if out and not named.startswith("[") else named
+            node = None
+    return out, about_key
+
+
+_MAX_PROBLEMS = 8
+
+
+def _error_from_validation(exc: ValidationError, data: Any, source: str) -> MergeError:
     lines = []
     for err in exc.errors():
-        # drop pydantic's internal step names (union members, function-before, ...)
-        loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
         msg = err["msg"].removeprefix("Value error, ")
-        where = yaml_location(loc)
+        where, about_key = _user_location(data, tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
             msg = "unknown key; check its spelling and indentation"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif about_key or err["type"] == "invalid_key":
+            msg = "keys must be strings; quote the key"
         sub = re.match(r"^([A-Za-z_][\w.\[\]]*): ", msg)
         if where and sub:  # a validator named a field below the failing node
             where, msg = f"{where}.{sub.group(1)}", msg[sub.end():]
         lines.append(f"{where}: {msg}" if where else msg)
-    return usage_error(source, "; ".join(dict.fromkeys(lines)))
+    lines = list(dict.fromkeys(lines))
+    if len(lines) > _MAX_PROBLEMS:  # one line stays readable
+        lines = [*lines[:_MAX_PROBLEMS], f"and {len(lines) - _MAX_PROBLEMS} more problem(s)"]
+    return usage_error(source, "; ".join(lines))
 
 
 def parse_config(data: Any, source: str = "recipe") -> MergeConfiguration:
@@ -253,7 +315,7 @@ def parse_config(data: Any, source: str = "recipe") -> MergeConfiguration:
     try:
         return MergeConfiguration.model_validate(data)
     except ValidationError as exc:
-        raise _error_from_validation(exc, source) from None
+        raise _error_from_validation(exc, data, source) from None
 
 
 def read_recipe(path: str | Path) -> Any:
@@ -266,13 +328,23 @@ def read_recipe(path: str | Path) -> Any:
     except OSError as exc:
         raise usage_error(str(path), f"cannot read the recipe ({exc.strerror})",
                           "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise usage_error(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start})", "save the recipe as UTF-8 YAML") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+            problem = f"unacceptable character #x{exc.character:04x} at offset {exc.position}"
+        else:
+            problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(problem.split())  # one line
         raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
+    except RecursionError:
+        raise usage_error(str(path), "malformed YAML (nested too deeply)",
+                          "flatten the recipe") from None
 
 
 def load_config(path: str | Path) -> MergeConfiguration:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mergekit.config import Conditional, MergeConfiguration, Parameters
+from mergekit.config import Conditional, MergeConfiguration, Parameters, short_repr
 from mergekit.errors import usage_error
 
 if TYPE_CHECKING:
@@ -103,13 +103,33 @@ def method_params(
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
-        if err["loc"]:
-            name = str(err["loc"][0])
+        name = str(err["loc"][0]) if err["loc"] else None
+        spec = method.param(name) if name else None
+        k = _culprit(method, values, len(per_model)) if spec is None or spec.per_model else None
+        if k is not None:  # one model's values are invalid: name its entry
+            m = per_model[k]
+            what = f"{name} {short_repr(values[name][k])}: {msg}" if name else msg
+            raise usage_error(m.where, f"{what} (model {m.model}, tensor {tensor})",
+                              "fix the value where it is set for this model") from None
+        if name:
             raise usage_error(f"parameters.{name}", f"{msg} (tensor {tensor}, value "
-                              f"{values.get(name)!r})", "fix the value in the recipe") from None
+                              f"{short_repr(values.get(name))})",
+                              "fix the value in the recipe") from None
         raise usage_error("parameters", f"{msg} (tensor {tensor})",
                           "fix the value in the recipe") from None
     return params.model_dump(by_alias=True)
+
+
+def _culprit(method: Method, values: dict[str, Any], n_models: int) -> int | None:
+    """The first input model whose per-model values alone fail validation, if any."""
+    per_model = {p.name for p in method.params if p.per_model}
+    for k in range(n_models):
+        one = {n: (v[k],) if n in per_model else v for n, v in values.items()}
+        try:
+            method.make_params(one)
+        except ValidationError:
+            return k
+    return None
 
 
 def misplaced_globals(method: Method, cfg: MergeConfiguration) -> list[str]:

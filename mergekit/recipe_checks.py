@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mergekit.config import short_repr, yaml_key
 from mergekit.errors import MergeError
 from mergekit.refs import parse_model_reference
 
@@ -50,16 +51,17 @@ def check_recipe(cfg: MergeConfiguration) -> None:
     _check_params(method, cfg.parameters, "parameters")
     referenced = {str(r) for r in cfg.referenced_models()}
     for key, params in (cfg.input_model_parameters or {}).items():
+        where = f"input_model_parameters.{yaml_key(key)}"
         try:
             ref = parse_model_reference(key)
         except ValueError as exc:
-            raise ValueError(f"input_model_parameters.{key}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
         if str(ref) not in referenced:
             raise ValueError(
-                f"input_model_parameters.{key}: not a model of this recipe; write the reference "
-                "exactly as models, slices or base_model do"
+                f"{where}: not a model of this recipe; write the reference exactly as models, "
+                "slices or base_model do"
             )
-        _check_params(method, params, f"input_model_parameters.{key}")
+        _check_params(method, params, where)
 
     if cfg.models is not None:
         for i, m in enumerate(cfg.models):
@@ -110,7 +112,8 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"{where}.{name}: '{method.name}' has no parameter {name!r}; {hint or 'remove it '}"
+                f"{where}.{yaml_key(name)}: '{method.name}' has no parameter "
+                f"{short_repr(name)}; {hint or 'remove it '}"
                 f"(its parameters: {', '.join(sorted(known)) or 'none'})"
             )
 
@@ -140,6 +143,6 @@ def check_chat_template(value: str | None) -> None:
         return
     if value not in BUILTIN_TEMPLATES:
         raise ValueError(
-            f"chat_template: unknown template {value!r}; use a Jinja template or one of: "
+            f"chat_template: unknown template {short_repr(value)}; use a Jinja template or one of: "
             f"auto, {', '.join(BUILTIN_TEMPLATES)}"
         )

@@ -31,19 +31,19 @@ def parse_model_reference(text: str) -> ModelReference:
         return ModelReference(text)
     if "+" in text:
         raise ValueError(
-            f"'{text}': LoRA references (model+lora) are not supported yet; "
+            f"{text!r}: LoRA references (model+lora) are not supported yet; "
             "merge the adapter into its model first and reference that folder"
         )
     path, revision = text, None
     if "@" in text:
         path, _, revision = text.rpartition("@")
         if not path or not revision:
-            raise ValueError(f"'{text}': expected 'org/name@revision'")
+            raise ValueError(f"{text!r}: expected 'org/name@revision'")
     if os.path.isdir(path):
-        raise ValueError(f"'{text}': a revision can only be given for a hub model, not a folder")
+        raise ValueError(f"{text!r}: a revision can only be given for a hub model, not a folder")
     if not _HUB_ID.match(path):
         raise ValueError(
-            f"'{text}' is neither an existing folder nor a hub id like 'org/name'; "
+            f"{text!r} is neither an existing folder nor a hub id like 'org/name'; "
             "check the path"
         )
     return ModelReference(path, revision)
