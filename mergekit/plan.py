@@ -108,7 +108,13 @@ class _Planner:
     # -- structure -------------------------------------------------------------
 
     def _check_architectures(self) -> None:
-        archs = {k: tuple(s.config.get("architectures") or ()) for k, s in self.sources.items()}
+        def names(config: dict[str, Any]) -> tuple[str, ...]:
+            value = config.get("architectures")
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            return ()  # missing or malformed: unknown
+
+        archs = {k: names(s.config) for k, s in self.sources.items()}
         if len(set(archs.values())) > 1:
             listing = ", ".join(f"{k}: {'/'.join(a) or '?'}" for k, a in archs.items())
             raise usage_error("models", f"the architectures differ ({listing})",

@@ -35,7 +35,7 @@ def output_config(sources: Mapping[str, ModelSource], plan: MergePlan) -> dict[s
         for key in LAYER_COUNT_KEYS:
             if isinstance(target.get(key), int):
                 target[key] = plan.num_layers
-        if isinstance(target.get("layer_types"), list):
+        if isinstance(target.get("layer_types"), list) and target["layer_types"]:
             target["layer_types"] = [
                 _layer_type(sources[m].config, i, target["layer_types"])
                 for m, i in plan.layer_origins

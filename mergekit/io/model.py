@@ -55,7 +55,7 @@ class ModelSource:
                               "point the recipe at a transformers model folder")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise usage_error(str(path), f"cannot parse config.json ({exc})",
                               "fix or re-download the file") from None
         if not isinstance(config, dict):
@@ -79,7 +79,7 @@ class ModelSource:
     def _read_index(self, path: Path) -> dict[str, str]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             data = None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):

@@ -53,7 +53,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise merge_failure(where, f"cannot read ({exc.strerror})", "check the file") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise merge_failure(where, "the safetensors header is not valid JSON",
                             "the file is damaged; download it again") from None
     if not isinstance(header, dict):
@@ -89,7 +89,7 @@ def _check_entry(where: str, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise bad("header entry is not an object")
     dtype = entry.get("dtype")
-    if dtype not in ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         raise bad(f"unknown dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(
