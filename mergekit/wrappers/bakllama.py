@@ -63,21 +63,12 @@ def bakllama_recipe(cfg: BakllamaConfig, fp16: bool) -> dict[str, Any]:
 
 def load_bakllama(path: Path, fp16: bool) -> dict[str, Any]:
     """Read a bakllama file; errors name the file and the field."""
-    import yaml
     from pydantic import ValidationError
 
-    from mergekit.config import yaml_location
+    from mergekit.config import read_recipe, yaml_location
     from mergekit.errors import usage_error
 
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise usage_error(str(path), f"cannot read ({exc.strerror})", "check the path") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
+    data = read_recipe(path)  # unreadable, non-UTF-8 or malformed files: one-line errors
     if not isinstance(data, dict):
         raise usage_error(str(path), f"expected a mapping with layer_slices, found "
                           f"{type(data).__name__}", "fix the bakllama file")

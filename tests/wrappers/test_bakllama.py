@@ -119,7 +119,7 @@ def test_missing_file(tmp_path):
     config = tmp_path / "nope.yml"
     proc = bakllama(config, tmp_path / "out")
     assert proc.returncode == 2
-    assert f"error: {config}: cannot read (No such file or directory); check the path" \
+    assert f"error: {config}: cannot read the recipe (No such file or directory); check the path" \
         in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -264,3 +264,17 @@ def test_shipped_bakllama_example_runs(tmp_path):
     assert merged["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
     assert merged["lm_head.weight"].equal(instruct["lm_head.weight"])
     assert len({k.split(".")[2] for k in merged if k.startswith("model.layers.")}) == 6
+
+
+def test_bakllama_file_that_is_not_utf8_is_a_clean_error(tmp_path):
+    from mergekit.errors import MergeError
+    from mergekit.wrappers.bakllama import load_bakllama
+
+    path = tmp_path / "bad.yml"
+    path.write_bytes(b"layer_slices:\n  - model: \xff\xfe\n")
+    try:
+        load_bakllama(path, False)
+    except MergeError as exc:
+        assert exc.exit_code == 2 and "\n" not in str(exc) and str(path) in str(exc)
+    else:
+        raise AssertionError("no error")
