@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -113,7 +114,13 @@ def _check_entry(where: str, name: str, entry: object, data_start: int) -> Tenso
 
 
 class SafetensorsReader:
-    """Reads tensors by byte range from open files; one per run, closed at the end."""
+    """Reads tensors by byte range from open files; one per run, closed at the end.
+
+    Each read maps just its byte range of the file (a private, copy-on-write mapping): the
+    tensor's bytes come straight from the page cache with no copy and no fresh memory to
+    fault in, a consumer that writes to the tensor changes only its own pages, and the
+    mapping goes away with the last tensor that uses it, so memory stays bounded by the
+    tensors alive at once."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
@@ -132,16 +139,15 @@ class SafetensorsReader:
             start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if nbytes == 0:
             return torch.empty(shape, dtype=torch_dtype(info.dtype))
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], start + done)
-            if got <= 0:
-                raise merge_failure(str(info.file), f"file ended while reading {info.name!r}",
-                                    "the file is truncated; download it again")
-            done += got
-        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
+        # a file that shrank since its header was read would fault on access (SIGBUS)
+        if os.fstat(fd).st_size < start + nbytes:
+            raise merge_failure(str(info.file), f"file ended while reading {info.name!r}",
+                                "the file is truncated; download it again")
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, start + nbytes - aligned, access=mmap.ACCESS_COPY,
+                           offset=aligned)
+        view = memoryview(mapped)[start - aligned:]
+        return torch.frombuffer(view, dtype=torch_dtype(info.dtype)).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -4,7 +4,7 @@ one tensor costs only its own bytes, and damaged or hostile files are refused by
 from __future__ import annotations
 
 import json
-import os
+import mmap
 import struct
 from pathlib import Path
 
@@ -93,33 +93,55 @@ def test_zero_dim_and_empty_tensors(library_file):
         reader.close()
 
 
-def test_reading_one_tensor_reads_only_its_bytes(tmp_path, monkeypatch):
+def test_reading_one_tensor_maps_only_its_bytes(tmp_path, monkeypatch):
     big = {f"w{i}": torch.full((256, 256), float(i)) for i in range(4)}  # 256 KiB each
     path = tmp_path / "big.safetensors"
     save_file(big, str(path))
     infos = read_header(path)
     calls: list[tuple[int, int]] = []
-    real_preadv = os.preadv
+    real_mmap = mmap.mmap
 
-    def recording_preadv(fd: int, buffers: list, offset: int) -> int:
-        calls.append((sum(len(b) for b in buffers), offset))
-        return real_preadv(fd, buffers, offset)
+    def recording_mmap(fd: int, length: int, **kwargs):
+        calls.append((length, kwargs.get("offset", 0)))
+        return real_mmap(fd, length, **kwargs)
 
-    monkeypatch.setattr(os, "preadv", recording_preadv)
+    monkeypatch.setattr(mmap, "mmap", recording_mmap)
     reader = SafetensorsReader()
     try:
         got = reader.read(infos["w2"])
+        rows = reader.read(infos["w1"], (10, 20))
     finally:
         reader.close()
-    assert torch.equal(got, big["w2"])
-    # compute the byte range independently from the raw header
+    assert torch.equal(got, big["w2"]) and torch.equal(rows, big["w1"][10:20])
+    # compute the byte ranges independently from the raw header
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    begin, end = json.loads(raw[8:8 + n])["w2"]["data_offsets"]
-    assert calls, "the reader did not use preadv"
-    for length, offset in calls:
-        assert 8 + n + begin <= offset and offset + length <= 8 + n + end
-    assert sum(length for length, _ in calls) == end - begin
+    header = json.loads(raw[8:8 + n])
+    row_bytes = 256 * 4
+    wanted = [(8 + n + header["w2"]["data_offsets"][0], 8 + n + header["w2"]["data_offsets"][1]),
+              (8 + n + header["w1"]["data_offsets"][0] + 10 * row_bytes,
+               8 + n + header["w1"]["data_offsets"][0] + 20 * row_bytes)]
+    assert len(calls) == 2, "the reader did not map each read once"
+    page = mmap.ALLOCATIONGRANULARITY
+    for (length, offset), (begin, end) in zip(calls, wanted):
+        # the mapping starts at the page holding the first byte and ends at the last byte
+        assert offset == begin - begin % page and offset + length == end
+
+
+def test_written_tensor_does_not_change_the_file_or_later_reads(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(16.0)}, str(path))
+    before = path.read_bytes()
+    infos = read_header(path)
+    reader = SafetensorsReader()
+    try:
+        first = reader.read(infos["w"])
+        first.mul_(0)
+        again = reader.read(infos["w"])
+    finally:
+        reader.close()
+    assert torch.equal(again, torch.arange(16.0))
+    assert path.read_bytes() == before
 
 
 def test_reader_reports_file_shrunk_after_header(tmp_path):
