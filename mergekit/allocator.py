@@ -1,0 +1,38 @@
+"""Process-wide memory allocator settings for a merge run from the command line.
+
+A merge allocates and frees the same few-megabyte buffers (row chunks) thousands of times.
+glibc serves blocks that large with fresh ``mmap`` calls and unmaps them on free, so every
+chunk's memory is faulted in page by page again: measured here, that doubles the time of
+the elementwise math. Raising the mmap and trim thresholds makes freed chunks reusable at
+once. Peak memory is unchanged: the blocks reused are the ones the merge needed anyway.
+Only the CLI calls this; a program that imports mergekit keeps its own allocator settings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+# Blocks up to this size come from the heap; larger ones (whole tensors of big models) are
+# still mapped and unmapped on their own.
+MMAP_THRESHOLD_BYTES = 256 * 1024**2
+# Free memory at the top of the heap above this is returned to the system.
+TRIM_THRESHOLD_BYTES = 1024**3
+
+
+def tune_allocator() -> bool:
+    """Apply the settings where the C library is glibc; returns whether it did."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
