@@ -199,7 +199,8 @@ def prepare_ties(
             for i, floor in enumerate(floors):
                 magnitude = (xs[i] - base).abs()
                 totals[i, 0] += magnitude.sum(dtype=torch.float64).cpu()
-                totals[i, 1] += (magnitude * (magnitude >= floor)).sum(dtype=torch.float64).cpu()
+                kept = keep_top_magnitude(magnitude, params.density[i], floor)
+                totals[i, 1] += kept.sum(dtype=torch.float64).cpu()
         scales = tuple(float(a / b) if b > 0 and d < 1.0 else 1.0
                        for (a, b), d in zip(totals.tolist(), params.density))
     return params.model_copy(update={"magnitude_floor": tuple(floors), "l1_scale": scales})
