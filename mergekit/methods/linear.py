@@ -23,10 +23,12 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Linea
     """
     import torch
 
-    weights = torch.tensor(params.weight, dtype=tensors[0].dtype, device=tensors[0].device)
-    out = torch.zeros_like(tensors[0])
-    for w, x in zip(weights, tensors):
-        out.add_(x, alpha=float(w))
+    # the weights as float32 values, as the math is done in
+    weights = torch.tensor(params.weight, dtype=torch.float32)
+    w = weights.tolist()
+    out = torch.mul(tensors[0], w[0])  # then accumulate in place: no temporaries
+    for wi, x in zip(w[1:], tensors[1:]):
+        out.add_(x, alpha=wi)
     if params.normalize:
         total = float(weights.sum())
         out.div_(total if total != 0 else 1.0)

@@ -64,4 +64,4 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
     sin_theta = math.sin(theta)
     s_base = math.sin((1.0 - t) * theta) / sin_theta
     s_other = math.sin(t * theta) / sin_theta
-    return base * s_base + other * s_other
+    return torch.mul(base, s_base).add_(other, alpha=s_other)  # no temporaries
