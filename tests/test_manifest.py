@@ -68,3 +68,52 @@ def test_hash_inputs_records_local_file_sha256(llama_models, merge):
     assert files[str(b)]["model.safetensors"]["sha256"] == sha256(b / "model.safetensors")
     assert files[str(a)]["config.json"]["sha256"] == sha256(a / "config.json")
     assert "mtime" not in files[str(a)]["model.safetensors"]
+
+
+def lay_out_local_download(folder, commit):
+    """What `hf download --local-dir` leaves beside the files: commit, etag, time."""
+    meta = folder / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    stamp = folder.joinpath("model.safetensors").stat().st_mtime + 0.5
+    (meta / "model.safetensors.metadata").write_text(
+        f"{commit}\n{sha256(folder / 'model.safetensors')}\n{stamp}\n")
+    (meta / "config.json.metadata").write_text(f"{commit}\n{'e' * 40}\n{stamp}\n")
+
+
+def test_local_download_folder_records_commit_and_sha256_without_hashing(
+        llama_models, merge, tmp_path):
+    import shutil
+
+    a = tmp_path / "downloaded"
+    shutil.copytree(llama_models[0], a)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    lay_out_local_download(a, commit)
+    out = merge({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(llama_models[1]), "parameters": {"weight": 1.0}}]})
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    inputs = {e["reference"]: e for e in data["inputs"]}
+    assert inputs[str(a)]["revision"] == commit
+    files = inputs[str(a)]["files"]
+    assert files["model.safetensors"]["sha256"] == sha256(a / "model.safetensors")
+    # config.json's etag is a git hash, not a sha256: identified by its time instead
+    assert "sha256" not in files["config.json"] and "mtime" in files["config.json"]
+    # the other input is a plain folder: no revision, files by size and time
+    other = inputs[str(llama_models[1])]
+    assert "revision" not in other and "mtime" in other["files"]["model.safetensors"]
+
+
+def test_local_download_record_is_ignored_once_the_file_changed(llama_models, tmp_path):
+    import os
+    import shutil
+
+    from mergekit.io.manifest import local_download
+
+    a = tmp_path / "downloaded"
+    shutil.copytree(llama_models[0], a)
+    lay_out_local_download(a, "a" * 40)
+    assert local_download(a, "model.safetensors") == ("a" * 40, sha256(a / "model.safetensors"))
+    later = (a / "model.safetensors").stat().st_mtime + 5
+    os.utime(a / "model.safetensors", (later, later))  # edited after the download
+    assert local_download(a, "model.safetensors") is None
+    assert local_download(a, "missing.safetensors") is None
