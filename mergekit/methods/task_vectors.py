@@ -190,13 +190,14 @@ def combine(
     import torch
 
     # the weights as float32 values, as the math is done in
-    w = torch.tensor(list(weights), dtype=torch.float32).tolist()
+    weights32 = torch.tensor(list(weights), dtype=torch.float32)
+    w = weights32.tolist()
     weighted = [d.mul_(w[i]) for i, d in enumerate(deltas)]
     mixed = torch.zeros_like(base)
     if consensus is None:
         for wd in weighted:
             mixed += wd
-        total = float(torch.tensor(w, dtype=torch.float32).sum())
+        total = float(weights32.sum())
         if normalize:
             mixed /= total if total != 0 else 1.0
     else:
