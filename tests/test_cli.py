@@ -315,10 +315,10 @@ def test_recipe_error_does_not_import_torch_in_process(tmp_path):
                           {"merge_method": "nope", "models": [{"model": str(tmp_path)}]})
     code = (
         "import sys\n"
-        "from mergekit.cli.yaml_cmd import main\n"
+        "from mergekit.cli.yaml_cmd import app\n"
         f"sys.argv = ['mergekit-yaml', {str(recipe)!r}, {str(tmp_path / 'out')!r}]\n"
         "try:\n"
-        "    main()\n"
+        "    app()\n"
         "except SystemExit as exc:\n"
         "    print('exit', exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
@@ -411,3 +411,26 @@ def test_recipe_file_not_found(tmp_path):
     assert proc.returncode == 2
     assert f"error: {tmp_path / 'nope.yml'}: cannot read the recipe" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_console_scripts_flush_output_and_keep_the_exit_code(tmp_path):
+    """run_app ends the process without interpreter teardown; what the command printed
+    (more than a pipe buffer, to stdout and stderr) must still arrive, with its exit code."""
+    code = (
+        "import sys, typer\n"
+        "from mergekit.cli.edge import run_app\n"
+        "app = typer.Typer()\n"
+        "@app.command()\n"
+        "def cmd() -> None:\n"
+        "    for i in range(20000):\n"
+        "        print(f'line {i}')\n"
+        "    print('last words', file=sys.stderr, end='')\n"
+        "    raise typer.Exit(3)\n"
+        "run_app(app)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 20000 and lines[-1] == "line 19999"
+    assert proc.stderr == "last words"

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from mergekit.cli.edge import run_app
 from mergekit.cli.merge_command import merge_command, run_recipe
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -42,7 +43,7 @@ def mergekit_layershuffle(
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from mergekit.cli.edge import run_app
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -32,7 +34,7 @@ def mergekit_methods(
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

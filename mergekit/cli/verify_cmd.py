@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from mergekit.cli.edge import guarded, run_app
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -16,7 +18,6 @@ def mergekit_verify(
 ) -> None:
     """Check that the weight shards in OUT are the ones the merge wrote (its
     mergekit_manifest.json); exit 0 when all match, 1 when any differs."""
-    from mergekit.cli.edge import guarded
     from mergekit.io.manifest import verify
 
     problems = guarded(lambda: verify(out_path), verbose=False)
@@ -28,7 +29,7 @@ def mergekit_verify(
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":
