@@ -90,10 +90,11 @@ def run_recipe(
             return
         if out is None:
             raise usage_error("OUT", "no output folder given", "name one, or use --print-yaml")
-        from mergekit.allocator import tune_allocator
+        from mergekit.process_tuning import tune_process
+
+        tune_process()  # before torch is imported
         from mergekit.run import run_merge
 
-        tune_allocator()
         run_merge(config, out, options)
 
     guarded(run, flags["verbose"])
