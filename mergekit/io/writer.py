@@ -51,7 +51,8 @@ class ShardWriter:
     """Writes one safetensors shard; tensors must arrive in ``entries`` order.
 
     Tensor bytes are written by a background thread, so the disk works while the next
-    tensor is merged; at most ``QUEUE_DEPTH`` chunks wait. A write error surfaces at the
+    tensor is merged, and hashed by another (the sha256 costs as much CPU as the write);
+    at most ``QUEUE_DEPTH`` chunks wait for each. A write error surfaces at the
     next ``add`` or at ``finish``. The bytes go to ``<name>.part``, renamed to ``path`` by
     ``finish`` once synced, so a file under the shard's name is always complete.
     """
@@ -79,17 +80,30 @@ class ShardWriter:
         except OSError as exc:
             self._fail(exc)
         self._queue: queue.Queue[memoryview | None] = queue.Queue(self.QUEUE_DEPTH)
+        self._hash_queue: queue.Queue[memoryview | None] = queue.Queue(self.QUEUE_DEPTH)
+        self._hasher = threading.Thread(target=self._hash_all, name="shard-hasher", daemon=True)
+        self._hasher.start()
         self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
         self._thread.start()
 
+    def _hash_all(self) -> None:
+        while (data := self._hash_queue.get()) is not None:
+            self._hash.update(data)
+
     def _drain(self) -> None:
+        try:
+            self._write_all()
+        finally:
+            self._hash_queue.put(None)
+
+    def _write_all(self) -> None:
         written = self._header_bytes  # file offset of the next byte
         synced = 0  # the file's bytes before this offset are on their way to the disk
         while (data := self._queue.get()) is not None:
             if self._error is None:
                 try:
                     self._file.write(data)
-                    self._hash.update(data)
+                    self._hash_queue.put(data)
                     written += len(data)
                     if written - synced >= WRITEBACK_BYTES:
                         self._file.flush()
@@ -127,6 +141,7 @@ class ShardWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._hasher.join()
 
     def finish(self) -> str:
         """Flush and sync the shard to disk and give it its name; returns its sha256 (hex)."""

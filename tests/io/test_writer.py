@@ -242,3 +242,22 @@ def test_start_writeback_calls_the_system_on_a_real_file(tmp_path):
         start_writeback(f.fileno(), 0, 65536)
         assert _SYNC_FILE_RANGE(-1, 0, 1, 2) == -1  # a bad fd is reported, not ignored
     assert path.read_bytes() == b"x" * 65536
+
+
+def test_finish_returns_the_sha256_of_the_file_bytes(tmp_path):
+    """The hash runs on its own thread, chunk by chunk: it must still be the whole file's."""
+    import hashlib
+
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(300, 1000, generator=g)  # written in several row chunks
+    small = torch.randn(7, generator=g).to(torch.float16)
+    path = tmp_path / "model.safetensors"
+    writer = ShardWriter(path, [ShardEntry("big", "F32", (300, 1000)),
+                                ShardEntry("small", "F16", (7,))])
+    for start in range(0, 300, 32):
+        writer.add("big", big[start:start + 32])
+    writer.add("small", small)
+    digest = writer.finish()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor("big"), big)
