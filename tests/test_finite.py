@@ -55,3 +55,13 @@ def test_finite_inputs_give_no_warning(tmp_path, llama_models):
                    tmp_path / "out", "-q", "--strict-finite")
     assert proc.returncode == 0, proc.stderr
     assert "NaN" not in proc.stderr
+
+
+def test_nan_input_of_a_copied_tensor_warns(tmp_path, nan_model):
+    """passthrough copies tensors without float32 math; the check still sees them."""
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(nan_model), "layer_range": [0, 4]}]}]})
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "NaN or Inf" in line]
+    assert len(warnings) == 1 and BAD in warnings[0], proc.stderr

@@ -14,7 +14,8 @@ class PassthroughParams(MethodParams):
     scale: PerModelFloat = Field(1.0, description="multiply the tensor by this factor")
 
 
-@register("passthrough", PassthroughParams, base="unused", max_models=1, elementwise=True)
+@register("passthrough", PassthroughParams, base="unused", max_models=1, elementwise=True,
+          copies=lambda params: params.scale == (1.0,))
 def passthrough(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: PassthroughParams
 ):

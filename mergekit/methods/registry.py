@@ -92,9 +92,15 @@ class Method:
     # ``chunks()``, an iterable of (inputs, base) row chunks; the engine calls it before
     # running the method on chunks of the same tensor.
     prepare: Callable[[Any, Any], Any] | None = None
+    # A test on the params: the method returns its one input unchanged, so the engine may
+    # copy the tensor's bytes instead of running it in float32.
+    copies: Callable[[Any], bool] | None = None
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def copies_input(self, params: MethodParams) -> bool:
+        return self.copies is not None and self.copies(params)
 
     @property
     def display_name(self) -> str:
@@ -160,6 +166,7 @@ def register(
     random: bool = False,
     elementwise: bool | Callable[[Any], bool] = False,
     prepare: Callable[[Any, Any], Any] | None = None,
+    copies: Callable[[Any], bool] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -168,7 +175,7 @@ def register(
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
             name, fn, params, base, shape_policy, min_models, max_models, random,
-            elementwise, prepare,
+            elementwise, prepare, copies,
         )
         return fn
 

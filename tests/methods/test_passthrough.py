@@ -71,3 +71,19 @@ def test_merge_stacks_slices_with_scales(llama_models, merge):
     np.testing.assert_array_equal(M["model.embed_tokens.weight"], A["model.embed_tokens.weight"])
     np.testing.assert_array_equal(M["lm_head.weight"], B["lm_head.weight"])
     np.testing.assert_array_equal(M["model.norm.weight"], B["model.norm.weight"])
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])
+def test_unscaled_tensors_are_copied_exactly(llama_models, merge, dtype):
+    """Scale 1 copies the input's bits (converted to the output dtype only if asked),
+    as a plain torch conversion of the input gives."""
+    a = llama_models[0]
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": str(a), "layer_range": [0, 4]}]}]}
+    if dtype:
+        recipe["dtype"] = dtype
+    A, M = load_state(a), load_state(merge(recipe))
+    assert set(M) == set(A)
+    for name, t in A.items():
+        expected = t if dtype is None else t.to(getattr(torch, dtype))
+        assert M[name].dtype == expected.dtype and torch.equal(M[name], expected), name
