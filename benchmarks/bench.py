@@ -205,7 +205,7 @@ def run_once(tool: str, recipe: dict, workdir: Path) -> Sample:
     ok = result["rc"] == 0
     return Sample(result["wall_s"], result["cpu_s"], result["maxrss_kb"] / 1024,
                   io_seen.get("rchar", 0) / 1e6, written / 1e6, ok,
-                  "" if ok else (stderr.strip().splitlines() or ["exit %d" % result["rc"]])[-1])
+                  "" if ok else (stderr.strip().splitlines() or [f"exit {result['rc']}"])[-1])
 
 
 def io_floor(models: list[Path], out_bytes: int, workdir: Path) -> float:
