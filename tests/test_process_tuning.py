@@ -49,14 +49,16 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert default_faults > pages // 2
 
 
-# Records OMP_WAIT_POLICY at the moment the merge first imports torch (OpenMP reads it then).
+# Records the thread settings at the moment the merge first imports torch (OpenMP and
+# OpenBLAS read them then).
 WAIT_POLICY_PROBE = r"""
 import os, sys
 seen = []
 class Spy:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            seen.append((os.environ.get("OMP_WAIT_POLICY"),
+                         os.environ.get("OPENBLAS_NUM_THREADS")))
         return None
 sys.meta_path.insert(0, Spy())
 from mergekit.cli.yaml_cmd import app
@@ -68,15 +70,18 @@ except SystemExit as exc:
 """
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_merge_sets_the_thread_wait_policy_before_torch_loads(tmp_path, llama_models, preset,
-                                                               expected):
+@pytest.mark.parametrize("preset, expected", [
+    ({}, ("PASSIVE", "1")),
+    ({"OMP_WAIT_POLICY": "ACTIVE", "OPENBLAS_NUM_THREADS": "4"}, ("ACTIVE", "4")),
+])
+def test_merge_sets_thread_settings_before_torch_loads(tmp_path, llama_models, preset,
+                                                      expected):
     recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
         {"model": str(m), "parameters": {"weight": 1.0}} for m in llama_models[:2]]})
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset  # the user's choice wins
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+    env.update(preset)  # the user's choice wins
     out = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE, str(recipe),
                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
                          timeout=300)
-    assert out.stdout.strip() == f"0 ['{expected}']", out.stdout + out.stderr
+    assert out.stdout.strip() == f"0 [{expected!r}]", out.stdout + out.stderr
