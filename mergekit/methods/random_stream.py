@@ -29,7 +29,11 @@ def uniform(numel: int, seed: int, stream: int, offset: int) -> torch.Tensor:
         block, start = divmod(pos, BLOCK)
         take = min(BLOCK - start, offset + numel - pos)
         gen.manual_seed(_block_seed(seed, stream, block))
-        draws = torch.rand(BLOCK, generator=gen, dtype=torch.float32)
-        out[pos - offset:pos - offset + take] = draws[start:start + take]
+        if take == BLOCK:  # a whole block: draw it in place
+            torch.rand(BLOCK, generator=gen, dtype=torch.float32,
+                       out=out[pos - offset:pos - offset + take])
+        else:
+            draws = torch.rand(BLOCK, generator=gen, dtype=torch.float32)
+            out[pos - offset:pos - offset + take] = draws[start:start + take]
         pos += take
     return out
