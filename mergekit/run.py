@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,19 +96,22 @@ def _write_weights(
 ) -> dict[str, str]:
     """Write every shard the journal does not list as finished, recording each one there;
     returns every shard's sha256."""
+    import torch
     from tqdm import tqdm
 
     device = _device(options)
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
     weight_map: dict[str, str] = {}
     hashes = dict(journal.done)
     by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
     for job in plan.jobs:
         by_shard[job.shard].append(job)
     added = 0  # tensors written by this run (for the test hook)
-    with tqdm(total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
-              disable=options.quiet, dynamic_ncols=True) as bar:
+    with _restore_threads(), tqdm(total=plan.write_bytes, unit="B", unit_scale=True,
+                                  desc="merging", disable=options.quiet,
+                                  dynamic_ncols=True) as bar:
         for number, (filename, jobs) in enumerate(zip(plan.shard_files, by_shard), 1):
             weight_map.update((j.output_name, filename) for j in jobs)
             if filename in hashes:  # finished by an earlier run
@@ -118,7 +122,7 @@ def _write_weights(
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
-                    for chunk in execute_job(job, method, sources, device, check):
+                    for chunk in execute_job(job, method, sources, device, check, threads):
                         writer.add(job.output_name, chunk)
                     bar.update(job.nbytes)
                     added += 1
@@ -173,12 +177,36 @@ class FiniteCheck:
                             "may too (--strict-finite makes this an error)", model, name)
 
 
+@contextmanager
+def _restore_threads() -> Iterator[None]:
+    """Give torch back the intra-op thread count it had (``execute_job`` changes it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _set_threads(threads: int | None, chunked: bool) -> None:
+    """Row-chunk passes of elementwise methods are bound by memory, not arithmetic: on the
+    CPU they leave one of ``threads`` cores to the output's writer and hasher threads
+    (measured on 2 cores: linear and slerp merges 5% faster, ties unchanged). Whole-tensor
+    work (prepare passes, other methods) uses them all. ``None``: leave torch's setting."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads - 1) if chunked else threads)
+
+
 def execute_job(
     job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device,
-    check: FiniteCheck | None = None,
+    check: FiniteCheck | None = None, threads: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Merge one output tensor in float32 and cast it to the output dtype; yields the whole
-    tensor, or consecutive row chunks of it when the method is elementwise."""
+    tensor, or consecutive row chunks of it when the method is elementwise. ``threads``:
+    the CPU cores torch may use (see ``_set_threads``)."""
     import torch
 
     out_dtype = torch_dtype(job.dtype)
@@ -216,12 +244,14 @@ def execute_job(
 
     chunks = _row_chunks(job, method, params, sources)
     loaded = None
+    _set_threads(threads, chunked=False)
     if method.prepare is not None:
         if _f32_bytes(job) <= PREPARE_CACHE_BYTES:  # read once, for every pass
             loaded = [inputs(rows) for rows in chunks]
             params = method.prepare(lambda: loaded, params)
         else:  # too large to hold: each pass reads the chunks again
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
+    _set_threads(threads, chunked=len(chunks) > 1)
     for n, rows in enumerate(chunks):
         tensors, base, offset = loaded[n] if loaded is not None else inputs(rows)
         if method.random:  # draws follow the element's position in the whole tensor

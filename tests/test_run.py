@@ -52,3 +52,37 @@ def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge,
     assert any(len(c) > 1 for c in calls), "no tensor was split into chunks"
     assert _bytes(whole) == _bytes(chunked)
     assert load_state(whole).keys() == load_state(chunked).keys()
+
+
+def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, monkeypatch):
+    """Row-chunk passes run on one thread fewer than torch had; prepare passes and whole
+    tensors use them all; the count is given back at the end."""
+    import dataclasses
+
+    import torch
+
+    from mergekit.methods import registry
+
+    real = registry.get_method("slerp")
+    seen: dict[str, set[int]] = {"prepare": set(), "chunk": set(), "whole": set()}
+
+    def prepare(chunks, params):
+        seen["prepare"].add(torch.get_num_threads())
+        return real.prepare(chunks, params)
+
+    def fn(tensors, base, params):
+        # with 40-element chunks every 2-D tensor is split; 1-D ones stay whole
+        seen["chunk" if tensors[0].dim() > 1 else "whole"].add(torch.get_num_threads())
+        return real.fn(tensors, base, params)
+
+    monkeypatch.setitem(registry._METHODS, "slerp",
+                        dataclasses.replace(real, fn=fn, prepare=prepare))
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 40)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        merge(RECIPES["slerp"](*(str(m) for m in llama_models)))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"prepare": {3}, "chunk": {2}, "whole": {3}}
