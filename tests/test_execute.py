@@ -1,11 +1,12 @@
-"""The engine: chunked execution gives the same bytes as whole-tensor execution."""
+"""Executing tensor jobs: chunked execution gives the same bytes as whole-tensor execution;
+the thread count of chunk passes."""
 
 from pathlib import Path
 
 import pytest
 from conftest import load_state
 
-import mergekit.run as run_module
+import mergekit.execute as execute_module
 
 RECIPES = {
     "linear": lambda a, b, c: {"merge_method": "linear", "models": [
@@ -43,11 +44,11 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge, monkeypatch):
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
-    monkeypatch.setattr(run_module, "PREPARE_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES", cache_bytes)
     calls = []
-    real = run_module._row_chunks
-    monkeypatch.setattr(run_module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
+    real = execute_module._row_chunks
+    monkeypatch.setattr(execute_module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
     chunked = merge(recipe)
     assert any(len(c) > 1 for c in calls), "no tensor was split into chunks"
     assert _bytes(whole) == _bytes(chunked)
@@ -77,7 +78,7 @@ def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, 
 
     monkeypatch.setitem(registry._METHODS, "slerp",
                         dataclasses.replace(real, fn=fn, prepare=prepare))
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
