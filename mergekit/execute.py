@@ -48,7 +48,7 @@ class FiniteCheck:
         # one sum is finite only when every element is (NaN and Inf propagate), and is
         # ~20x faster than an elementwise test; an overflowing sum falls back to that test
         if (tensor.is_floating_point()
-                and not bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+                and not math.isfinite(tensor.sum(dtype=torch.float32).item())
                 and not bool(torch.isfinite(tensor).all())):
             if self.strict:
                 raise merge_failure(f"model {model}", f"tensor {name} holds NaN or Inf values",

@@ -29,7 +29,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Linea
     out = torch.mul(tensors[0], w[0])  # then accumulate in place: no temporaries
     for wi, x in zip(w[1:], tensors[1:]):
         out.add_(x, alpha=wi)
-    if params.normalize:
-        total = float(weights.sum())
-        out.div_(total if total != 0 else 1.0)
+    total = float(weights.sum())
+    if params.normalize and total not in (0.0, 1.0):  # dividing by 1 changes no bit
+        out.div_(total)
     return out
