@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -115,3 +116,17 @@ def merge(tmp_path: Path) -> Callable[..., Path]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_method(name: str, tensors: list, base: object, **params: object) -> np.ndarray:
+    """Run the registered method ``name`` on float32 copies of array-likes (``base`` may be
+    None); list-valued parameters become per-model tuples. Checks dtype and shape."""
+    from mergekit.methods.registry import get_method
+
+    method = get_method(name)
+    b = None if base is None else torch.as_tensor(np.asarray(base, dtype=np.float32))
+    xs = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in tensors]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    out = method.fn(xs, b, method.make_params(values))
+    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(xs[0].shape)
+    return out.numpy()

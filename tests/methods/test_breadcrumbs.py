@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import load_state
+from conftest import run_method as run
 from pydantic import ValidationError
 
 from mergekit.methods.registry import get_method
@@ -14,16 +14,6 @@ from mergekit.methods.registry import get_method
 # a 1x10 task vector with distinct magnitudes; by magnitude, descending, its indices are
 #   9 (1.0), 1 (0.9), 6 (0.8), 4 (0.7), 8 (0.6), 2 (0.5), 7 (0.4), 3 (0.3), 5 (0.2), 0 (0.1)
 ROW = [[0.1, -0.9, 0.5, 0.3, -0.7, 0.2, 0.8, -0.4, 0.6, 1.0]]
-
-
-def run(name: str, tensors: list, base: list | np.ndarray, **params: object) -> np.ndarray:
-    method = get_method(name)
-    b = torch.as_tensor(np.asarray(base, dtype=np.float32))
-    xs = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in tensors]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    out = method.fn(xs, b, method.make_params(values))
-    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(b.shape)
-    return out.numpy()
 
 
 def one(delta: list, density: float, gamma: float, **params: object) -> np.ndarray:

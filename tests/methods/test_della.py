@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_state
+from conftest import run_method as run
 from pydantic import ValidationError
 
 from mergekit.methods.registry import get_method
@@ -14,16 +15,6 @@ from mergekit.methods.task_vectors import della_probabilities
 
 SHAPE = (200, 200)
 ZERO = np.zeros(SHAPE, dtype=np.float32)
-
-
-def run(name: str, tensors: list, base: np.ndarray, **params: object) -> np.ndarray:
-    method = get_method(name)
-    b = torch.as_tensor(np.asarray(base, dtype=np.float32))
-    xs = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in tensors]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    out = method.fn(xs, b, method.make_params(values))
-    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(b.shape)
-    return out.numpy()
 
 
 def probabilities_ref(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:

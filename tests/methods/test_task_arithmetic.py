@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from conftest import load_state
+from conftest import load_state, run_method
 from pydantic import ValidationError
 
 from mergekit.methods.registry import get_method
 
 
 def run(tensors: list, base: list | np.ndarray, **params: object) -> np.ndarray:
-    method = get_method("task_arithmetic")
-    b = torch.as_tensor(np.asarray(base, dtype=np.float32))
-    xs = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in tensors]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    out = method.fn(xs, b, method.make_params(values))
-    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(b.shape)
-    return out.numpy()
+    return run_method("task_arithmetic", tensors, base, **params)
 
 
 def task_arithmetic_ref(xs: list[np.ndarray], base: np.ndarray, weights: list[float],
