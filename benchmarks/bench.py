@@ -2,7 +2,7 @@
 moved, and the I/O floor of the same data measured in the same run.
 
     python benchmarks/bench.py                      # three ~0.6 GB bf16 models
-    python benchmarks/bench.py --size large         # ~2.5 GB each
+    python benchmarks/bench.py --size large         # ~2.2 GB each
     python benchmarks/bench.py --compare-with /path/to/other/bin/mergekit-yaml
     python benchmarks/bench.py --quick              # tiny models, one run (kept working by a test)
 
