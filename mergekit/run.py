@@ -96,22 +96,21 @@ def _write_weights(
 ) -> dict[str, str]:
     """Write every shard the journal does not list as finished, recording each one there;
     returns every shard's sha256."""
-    import torch
     from tqdm import tqdm
 
     device = _device(options)
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite)
-    threads = torch.get_num_threads() if device.type == "cpu" else None
     weight_map: dict[str, str] = {}
     hashes = dict(journal.done)
     by_shard: list[list[TensorJob]] = [[] for _ in plan.shard_files]
     for job in plan.jobs:
         by_shard[job.shard].append(job)
     added = 0  # tensors written by this run (for the test hook)
-    with _restore_threads(), tqdm(total=plan.write_bytes, unit="B", unit_scale=True,
-                                  desc="merging", disable=options.quiet,
-                                  dynamic_ncols=True) as bar:
+    with _torch_threads() as threads, tqdm(
+            total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
+            disable=options.quiet, dynamic_ncols=True) as bar:
+        cpu_threads = threads if device.type == "cpu" else None
         for number, (filename, jobs) in enumerate(zip(plan.shard_files, by_shard), 1):
             weight_map.update((j.output_name, filename) for j in jobs)
             if filename in hashes:  # finished by an earlier run
@@ -122,7 +121,8 @@ def _write_weights(
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
-                    for chunk in execute_job(job, method, sources, device, check, threads):
+                    for chunk in execute_job(job, method, sources, device, check,
+                                             cpu_threads):
                         writer.add(job.output_name, chunk)
                     bar.update(job.nbytes)
                     added += 1
@@ -139,13 +139,13 @@ def _write_weights(
 
 
 @contextmanager
-def _restore_threads() -> Iterator[None]:
-    """Give torch back the intra-op thread count it had (``execute_job`` changes it)."""
+def _torch_threads() -> Iterator[int]:
+    """torch's intra-op thread count, given back at the end (``execute_job`` changes it)."""
     import torch
 
     threads = torch.get_num_threads()
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
