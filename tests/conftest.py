@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from stopped_merges import SHARD, files, linear_recipe, merge_in_process
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
 
@@ -130,3 +131,19 @@ def run_method(name: str, tensors: list, base: object, **params: object) -> np.n
     out = method.fn(xs, b, method.make_params(values))
     assert out.dtype == torch.float32 and tuple(out.shape) == tuple(xs[0].shape)
     return out.numpy()
+
+
+# sharded runs shared by test_resume and test_interrupt
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, llama_models) -> Path:
+    return write_recipe(tmp_path_factory.mktemp("recipe") / "r.yml", linear_recipe(llama_models))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, llama_models) -> dict[str, bytes]:
+    """Every file of an uninterrupted run, into a folder also named ``out``."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    merge_in_process(linear_recipe(llama_models), out, out_shard_size=SHARD)
+    return files(out)

@@ -7,8 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
-from test_resume import (
+from stopped_merges import (
     SHARD,
     files,
     finish,
@@ -21,19 +20,6 @@ from test_resume import (
 )
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-
-
-@pytest.fixture(scope="module")
-def recipe_file(tmp_path_factory, llama_models) -> Path:
-    return write_recipe(tmp_path_factory.mktemp("recipe") / "r.yml", linear_recipe(llama_models))
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, llama_models) -> dict[str, bytes]:
-    """Every file of an uninterrupted run, into a folder also named ``out``."""
-    out = tmp_path_factory.mktemp("baseline") / "out"
-    merge_in_process(linear_recipe(llama_models), out, out_shard_size=SHARD)
-    return files(out)
 
 
 def interrupt(recipe: Path, out: Path, point: str, sig: int) -> tuple[int, str]:
