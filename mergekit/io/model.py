@@ -142,6 +142,11 @@ class ModelSource:
             return t if rows is None else t[rows[0]:rows[1]]
         return self._reader.read(self.info(name), rows)
 
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor ``name`` from disk ahead of ``read`` (safetensors only)."""
+        if not self.weight_map[name].endswith(".bin"):
+            self._reader.prefetch(self.info(name))
+
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Load a pickled checkpoint with torch's weights-only unpickler: code never runs."""

@@ -7,6 +7,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+PREFETCH_STEP = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,14 +126,35 @@ class SafetensorsReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:  # prefetch runs on another thread
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def prefetch(self, info: TensorInfo) -> None:
+        """Have the system read the tensor's bytes into the page cache, so a later
+        ``read`` finds them there. Blocks while the disk queue is full: call it from a
+        thread of its own. No-op where unsupported."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        fd = self._fd(info.file)
+        # the kernel reads at most its readahead size (a few MB) per hint
+        for start in range(info.start, info.end, PREFETCH_STEP):
+            try:
+                os.posix_fadvise(fd, start, min(PREFETCH_STEP, info.end - start),
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return  # only a hint: the read itself reports real problems
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [start, end) of its first dimension."""
         import torch
 
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fd(info.file)
         shape, start, nbytes = info.shape, info.start, info.nbytes
         if rows is not None:
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0

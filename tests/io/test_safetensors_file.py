@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit.errors import MergeError
-from mergekit.io.safetensors_file import SafetensorsReader, read_header
+from mergekit.io.safetensors_file import PREFETCH_STEP, SafetensorsReader, read_header
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -254,3 +255,25 @@ def test_metadata_is_not_a_tensor(tmp_path):
         assert reader.read(infos["a"]).tolist() == [1.5, -2.0]
     finally:
         reader.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_prefetch_hints_the_whole_tensor_in_steps(tmp_path, monkeypatch):
+    """One hint over a long range makes the kernel read only its readahead size: the reader
+    gives the range in PREFETCH_STEP pieces, covering every byte of the tensor once."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(4), "big": torch.zeros(3 * 1024 * 1024 + 5)}, str(path))
+    info = read_header(path)["big"]
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(
+        (off, n, advice)))
+    reader = SafetensorsReader()
+    try:
+        reader.prefetch(info)
+    finally:
+        reader.close()
+    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in calls)
+    assert all(n <= PREFETCH_STEP for _, n, _ in calls) and len(calls) > 1
+    covered = [(off, off + n) for off, n, _ in calls]
+    assert covered[0][0] == info.start and covered[-1][1] == info.end
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # contiguous, no overlap
