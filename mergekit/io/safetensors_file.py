@@ -162,8 +162,9 @@ class SafetensorsReader:
             start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if nbytes == 0:
             return torch.empty(shape, dtype=torch_dtype(info.dtype))
-        # a file that shrank since its header was read would fault on access (SIGBUS)
-        if os.fstat(fd).st_size < start + nbytes:
+        # a file that shrank since its header was read would fault on access (SIGBUS);
+        # checked as each tensor's reading begins, not for every row chunk
+        if (rows is None or rows[0] == 0) and os.fstat(fd).st_size < info.end:
             raise merge_failure(str(info.file), f"file ended while reading {info.name!r}",
                                 "the file is truncated; download it again")
         aligned = start - start % mmap.ALLOCATIONGRANULARITY

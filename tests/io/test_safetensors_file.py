@@ -145,16 +145,19 @@ def test_written_tensor_does_not_change_the_file_or_later_reads(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_reader_reports_file_shrunk_after_header(tmp_path):
+@pytest.mark.parametrize("rows", [None, (0, 2)])
+def test_reader_reports_file_shrunk_after_header(tmp_path, rows):
+    """Checked as a tensor's reading begins (whole, or its first row chunk), even when
+    the rows asked for are still in the file."""
     path = tmp_path / "shrinks.safetensors"
-    save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(path))
+    save_file({"a": torch.ones(64), "b": torch.ones(8, 8)}, str(path))
     infos = read_header(path)
     with open(path, "r+b") as f:
-        f.truncate(infos["b"].start + 10)
+        f.truncate(infos["b"].start + 100)
     reader = SafetensorsReader()
     try:
         with pytest.raises(MergeError, match="shrinks.safetensors"):
-            reader.read(infos["b"])
+            reader.read(infos["b"], rows)
     finally:
         reader.close()
 
