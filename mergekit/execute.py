@@ -40,16 +40,11 @@ class FiniteCheck:
 
     def __call__(self, model: str, name: str, rows: tuple[int, int] | None,
                  tensor: torch.Tensor) -> None:
-        import torch
 
         if (model, name, rows) in self._seen:
             return
         self._seen.add((model, name, rows))
-        # one sum is finite only when every element is (NaN and Inf propagate), and is
-        # ~20x faster than an elementwise test; an overflowing sum falls back to that test
-        if (tensor.is_floating_point()
-                and not math.isfinite(tensor.sum(dtype=torch.float32).item())
-                and not bool(torch.isfinite(tensor).all())):
+        if not all_finite(tensor):
             if self.strict:
                 raise merge_failure(f"model {model}", f"tensor {name} holds NaN or Inf values",
                                     "fix the input model, or drop --strict-finite to merge "
@@ -58,6 +53,16 @@ class FiniteCheck:
                 self._warned.add((model, name))
                 log.warning("model %s: tensor %s holds NaN or Inf values; the merged tensor "
                             "may too (--strict-finite makes this an error)", model, name)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    import torch
+
+    # one sum is finite only when every element is (NaN and Inf propagate), and is ~20x
+    # faster than an elementwise test; an overflowing sum falls back to that test
+    return (not tensor.is_floating_point()
+            or math.isfinite(tensor.sum(dtype=torch.float32).item())
+            or bool(torch.isfinite(tensor).all()))
 
 
 def _set_threads(threads: int | None, chunked: bool) -> None:
@@ -104,7 +109,7 @@ def execute_job(
         def load(model: str, name: str) -> torch.Tensor:
             t = sources[model].read(name, rows).to(device=device, dtype=torch.float32,
                                                    non_blocking=True)
-            if check is not None:
+            if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t
 
@@ -129,6 +134,11 @@ def execute_job(
             result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
         else:
             result = method.fn(tensors, base, params)
+        if check is not None and method.keeps_nonfinite and not all_finite(result):
+            # the result is not finite where an input is not: find which ones
+            for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
+                              ([base] if job.base else []) + tensors):
+                check(ref.model, ref.name, rows, t)
         shape = tensors[0].shape
         if result.shape != shape:
             raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "

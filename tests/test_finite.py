@@ -39,6 +39,24 @@ def test_nan_input_warns_with_model_and_tensor(tmp_path, llama_models, nan_model
     assert torch.isnan(merged[BAD][0, 0]) and torch.isinf(merged[BAD][1, 2])
 
 
+@pytest.mark.parametrize("nan_is", ["base", "other"])
+def test_nan_input_of_slerp_warns(tmp_path, llama_models, nan_model, nan_is):
+    """slerp (like linear) checks its results and, where one is not finite, its inputs:
+    the warning still names the input, base or not."""
+    good = llama_models[0]
+    base, other = (nan_model, good) if nan_is == "base" else (good, nan_model)
+    recipe = write_recipe(tmp_path / "r.yml", {
+        "merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.5},
+        "models": [{"model": str(base)}, {"model": str(other)}]})
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "NaN or Inf" in line]
+    assert len(warnings) == 1 and str(nan_model) in warnings[0] and BAD in warnings[0], \
+        proc.stderr
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.isnan(merged[BAD][0, 0]) and torch.isfinite(merged[BAD][2:]).all()
+
+
 def test_strict_finite_refuses(tmp_path, llama_models, nan_model):
     out = tmp_path / "out"
     proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,

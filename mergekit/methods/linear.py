@@ -15,7 +15,7 @@ class LinearParams(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
-@register("linear", LinearParams, base="unused", elementwise=True)
+@register("linear", LinearParams, base="unused", elementwise=True, keeps_nonfinite=True)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: LinearParams):
     """Linear (weighted average)
 

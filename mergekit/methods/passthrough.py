@@ -15,7 +15,7 @@ class PassthroughParams(MethodParams):
 
 
 @register("passthrough", PassthroughParams, base="unused", max_models=1, elementwise=True,
-          copies=lambda params: params.scale == (1.0,))
+          copies=lambda params: params.scale == (1.0,), keeps_nonfinite=True)
 def passthrough(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: PassthroughParams
 ):

@@ -95,6 +95,10 @@ class Method:
     # A test on the params: the method returns its one input unchanged, so the engine may
     # copy the tensor's bytes instead of running it in float32.
     copies: Callable[[Any], bool] | None = None
+    # Wherever an input element is NaN or Inf, the result's element is too (sums with
+    # finite weights, no masks or clamps): the engine checks each result instead of every
+    # input, and looks at the inputs only when the result is not finite.
+    keeps_nonfinite: bool = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
@@ -167,6 +171,7 @@ def register(
     elementwise: bool | Callable[[Any], bool] = False,
     prepare: Callable[[Any, Any], Any] | None = None,
     copies: Callable[[Any], bool] | None = None,
+    keeps_nonfinite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -175,7 +180,7 @@ def register(
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
             name, fn, params, base, shape_policy, min_models, max_models, random,
-            elementwise, prepare, copies,
+            elementwise, prepare, copies, keeps_nonfinite,
         )
         return fn
 

@@ -44,7 +44,7 @@ def prepare_slerp(
 
 
 @register("slerp", SlerpParams, base="required", min_models=1, max_models=1, elementwise=True,
-          prepare=prepare_slerp)
+          prepare=prepare_slerp, keeps_nonfinite=True)
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpParams):
     """SLERP (spherical linear interpolation)
 
@@ -62,7 +62,8 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
     norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
     # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
     cos = ab / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
-    if abs(cos) > COLINEAR_COSINE:
+    # NaN or Inf in an input: no angle; lerp keeps the other elements finite
+    if not math.isfinite(cos) or abs(cos) > COLINEAR_COSINE:
         return torch.lerp(base, other, t)
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)

@@ -131,6 +131,22 @@ def test_zero_norm_inputs_give_no_nan(method: Method, with_base: bool, which: st
         assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("method, with_base", CASES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_inputs_do_not_raise(method: Method, with_base: bool, bad: float):
+    """NaN or Inf in the inputs is merged (the engine warns); methods that declare
+    ``keeps_nonfinite`` give a non-finite result element wherever an input's is."""
+    tensors, base = random_inputs(method, with_base, (4, 6), seed=4)
+    tensors[0][1, 2] = bad
+    if base is not None:
+        base[3, 0] = -bad
+    out = call(method, tensors, base)
+    assert tuple(out.shape) == (4, 6)
+    if method.keeps_nonfinite:
+        stacked = torch.stack(tensors + ([base] if base is not None else []))
+        assert torch.equal(~torch.isfinite(out), ~torch.isfinite(stacked).all(dim=0))
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_docstring_display_name_and_param_descriptions(name: str):
     method = METHODS[name]

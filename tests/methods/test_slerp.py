@@ -121,6 +121,22 @@ def test_zero_norm_input_gives_no_nan(base: list[float], other: list[float], t: 
         np.testing.assert_allclose(out, base, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["base", "other"])
+def test_nonfinite_input_gives_lerp_and_keeps_the_rest_finite(bad: float, where: str):
+    """No angle exists: the other elements are interpolated linearly (no exception)."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(6).astype(np.float32)
+    other = rng.standard_normal(6).astype(np.float32)
+    (base if where == "base" else other)[2] = bad
+    out = run_slerp(base, other, 0.3)
+    with np.errstate(invalid="ignore"):
+        expected = base.astype(np.float64) + 0.3 * (other.astype(np.float64) - base)
+    assert not np.isfinite(out[2])
+    keep = np.arange(6) != 2
+    np.testing.assert_allclose(out[keep], expected[keep], rtol=1e-6, atol=1e-6)
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 
