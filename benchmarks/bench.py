@@ -236,14 +236,24 @@ def median_sample(samples: list[Sample]) -> Sample:
                     for f in ("wall_s", "cpu_s", "peak_rss_mb", "read_mb", "written_mb")), True)
 
 
+def default_tool() -> str:
+    """The mergekit-yaml of this Python's environment: a version manager's shim found first
+    on PATH (pyenv's is a chain of shell scripts) would add its own start-up to every run."""
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mergekit-yaml") or "mergekit-yaml"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=["small", "large"], default="small")
     ap.add_argument("--quick", action="store_true", help="tiny models, one run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--methods", default="linear,ties,slerp,dare_ties,passthrough")
-    ap.add_argument("--tool", default=shutil.which("mergekit-yaml") or "mergekit-yaml",
-                    help="the mergekit-yaml to measure (default: ours on PATH)")
+    ap.add_argument("--tool", default=default_tool(),
+                    help="the mergekit-yaml to measure (default: the one installed beside "
+                    "this Python, else the one on PATH)")
     ap.add_argument("--compare-with", metavar="PATH", help="another mergekit-yaml to compare")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--output", type=Path, help="write the markdown table here too")
