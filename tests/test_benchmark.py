@@ -22,3 +22,25 @@ def test_benchmark_quick_mode_runs_every_method(tmp_path):
         wall, cpu, rss = float(cells[1]), float(cells[2]), float(cells[3])
         assert wall > 0 and cpu > 0 and rss > 0
         assert float(cells[5]) > 0  # bytes written
+
+
+def test_wall_ratio_is_the_median_of_each_rounds_ratio():
+    """Each round's ratio, then their median: with ours 2, 3, 9 s and the other's 4, 6, 3 s
+    the ratios are 0.5, 0.5 and 3, so 0.5 (the ratio of the medians would be 3 / 4)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def sample(wall: float, ok: bool = True):
+        return bench.Sample(wall, 1.0, 100.0, 0.0, 1.0, ok)
+
+    ours = [sample(2.0), sample(3.0), sample(9.0)]
+    other = [sample(4.0), sample(3.0), sample(3.0)]
+    assert bench.paired_ratio({"ours": ours, "other": other}) == 1.0
+    other[1] = sample(6.0)  # ratios 0.5, 0.5, 3
+    assert bench.paired_ratio({"ours": ours, "other": other}) == 0.5
+    other[0] = sample(4.0, ok=False)  # a failed round counts for neither tool
+    assert bench.paired_ratio({"ours": ours, "other": other}) == (0.5 + 3.0) / 2
+    assert bench.paired_ratio({"ours": ours}) is None
