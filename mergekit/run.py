@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import shutil
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +18,12 @@ from mergekit.io import artifacts, output_folder
 from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
 from mergekit.io.manifest import write_manifest
 from mergekit.io.model import ModelSource, open_model
+from mergekit.io.readahead import Readahead
 from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
 from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
-from mergekit.plan import MergePlan, TensorJob, TensorRef, build_plan, format_plan
+from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
 from mergekit.refs import ModelReference, parse_model_reference
 
 if TYPE_CHECKING:
@@ -142,65 +141,6 @@ def _write_weights(
     if len(plan.shard_files) > 1:
         write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
-
-
-class Readahead:
-    """Has the inputs of the coming jobs read into the page cache by a thread of its own,
-    up to ``READAHEAD_BYTES`` ahead of the job being merged: with inputs not yet in memory,
-    the disk works while torch loads and while each tensor is merged, instead of waiting
-    for the merge's page faults (3-model linear with 1.5 GB of uncached input: 3.4 ->
-    3.1 s)."""
-
-    READAHEAD_BYTES = 1024**3
-
-    def __init__(self, jobs: list[TensorJob], sources: Mapping[str, ModelSource]) -> None:
-        self._jobs = jobs  # in the order they run
-        self._sources = sources
-        self._current = -1  # the job being merged
-        self._advised = 0  # jobs whose inputs were handed to the thread
-        self._ahead = 0  # input bytes handed over, of the jobs after the current one
-        self._todo: queue.SimpleQueue[TensorRef | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._prefetch_all, name="readahead",
-                                        daemon=True)
-
-    def __enter__(self) -> Readahead:
-        self._thread.start()
-        self._fill()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._todo.put(None)
-        self._thread.join()
-
-    def _prefetch_all(self) -> None:
-        while (ref := self._todo.get()) is not None:
-            try:
-                self._sources[ref.model].prefetch(ref.name)
-            except Exception:  # noqa: BLE001 - a hint only; the merge's own read reports it
-                pass
-
-    def _refs(self, job: TensorJob) -> tuple[TensorRef, ...]:
-        return job.inputs + ((job.base,) if job.base else ())
-
-    def _nbytes(self, job: TensorJob) -> int:
-        return sum(self._sources[r.model].info(r.name).nbytes for r in self._refs(job))
-
-    def _fill(self) -> None:
-        while self._advised < len(self._jobs) and (
-                self._advised <= self._current or self._ahead < self.READAHEAD_BYTES):
-            job = self._jobs[self._advised]
-            for ref in self._refs(job):
-                self._todo.put(ref)
-            if self._advised > self._current:
-                self._ahead += self._nbytes(job)
-            self._advised += 1
-
-    def next_job(self) -> None:
-        """Call as each job begins."""
-        self._current += 1
-        if self._current < self._advised:
-            self._ahead -= self._nbytes(self._jobs[self._current])
-        self._fill()
 
 
 @contextmanager

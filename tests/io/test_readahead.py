@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
+from mergekit.io.readahead import Readahead
 from mergekit.plan import TensorJob, TensorRef
-from mergekit.run import Readahead
 
 MB = 1024 * 1024
 
