@@ -3,12 +3,14 @@ temporary folder, add the config, tokenizer, model card and manifest, move it in
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from mergekit.config import MergeConfiguration
@@ -143,11 +145,25 @@ def _write_weights(
     return {name: hashes[name] for name in plan.shard_files}
 
 
+def import_torch() -> ModuleType:
+    """Import torch with Python's cyclic garbage collector paused (and then restored as it
+    was). The import creates a few hundred thousand long-lived objects, none of them
+    garbage, and the full collections they trigger traverse all of them again and again:
+    measured, 0.13 s of a 2 s merge."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch
+    finally:
+        if enabled:
+            gc.enable()
+    return torch
+
+
 @contextmanager
 def _torch_threads() -> Iterator[int]:
     """torch's intra-op thread count, given back at the end (``execute_job`` changes it)."""
-    import torch
-
+    torch = import_torch()
     threads = torch.get_num_threads()
     try:
         yield threads

@@ -1,0 +1,45 @@
+"""run.py: torch is imported with the garbage collector paused, and its state restored."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# In a fresh interpreter (torch not yet imported): count the collections that happen while
+# import_torch runs, then report whether the collector is enabled again.
+PROBE = """
+import gc, sys
+enabled_before = sys.argv[1] == "on"
+if not enabled_before:
+    gc.disable()
+import mergekit.run as run
+assert "torch" not in sys.modules
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info))
+torch = run.import_torch()
+gc.callbacks.clear()
+print(len(collections), gc.isenabled(), torch.__name__)
+"""
+
+
+@pytest.mark.parametrize("state", ["on", "off"])
+def test_torch_is_imported_without_collections_and_the_collector_is_restored(state):
+    proc = subprocess.run([sys.executable, "-c", PROBE, state], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, enabled, name = proc.stdout.split()
+    assert count == "0"  # importing torch otherwise runs hundreds of collections
+    assert enabled == str(state == "on")
+    assert name == "torch"
+
+
+def test_importing_torch_normally_does_collect():
+    """The control for the test above: the plain import does trigger collections."""
+    probe = ("import gc; n = []; gc.callbacks.append(lambda p, i: p == 'start' and n.append(1))"
+             "\nimport torch\nprint(len(n))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) > 0
