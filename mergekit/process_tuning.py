@@ -1,6 +1,6 @@
-"""Process-wide settings for a merge run from the command line: the memory allocator and
-torch's idle worker threads. Only the CLI applies them; a program that imports mergekit
-keeps its own settings.
+"""Process-wide settings for a merge run from the command line: the memory allocator,
+torch's idle worker threads and the garbage collector. Only the CLI applies them; a program
+that imports mergekit keeps its own settings.
 
 A merge allocates and frees the same few-megabyte buffers (row chunks) thousands of times.
 glibc serves blocks that large with fresh ``mmap`` calls and unmaps them on free, so every
@@ -17,11 +17,17 @@ unchanged. Sleeping workers wake fast enough for chunk-sized operations.
 numpy (which torch imports) brings OpenBLAS, whose thread pool starts at import and spins
 for a while although a merge never calls it (torch's own math uses MKL here): measured, a
 tenth of a CPU-second of every run, taken from torch's import on two cores.
+
+Python's cyclic garbage collector is turned off: refcounting frees a merge's tensors and
+buffers, and a whole merge leaves under a hundred objects in reference cycles whatever the
+model size (a test holds it to that), while the collections that torch's few hundred
+thousand long-lived objects set off re-traverse them all (measured: 0.13 s of a 2 s run).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -62,6 +68,12 @@ def tune_threads() -> None:
         os.environ.setdefault(name, value)
 
 
+def tune_gc() -> None:
+    """No cyclic garbage collection for the rest of the process (see the module's notes)."""
+    gc.disable()
+
+
 def tune_process() -> None:
     tune_threads()
     tune_allocator()
+    tune_gc()

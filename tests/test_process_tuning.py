@@ -85,3 +85,23 @@ def test_merge_sets_thread_settings_before_torch_loads(tmp_path, llama_models, p
                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.stdout.strip() == f"0 [{expected!r}]", out.stdout + out.stderr
+
+
+GC_PROBE = r"""
+import gc, sys
+from mergekit.cli.yaml_cmd import app
+sys.argv = ["mergekit-yaml", *sys.argv[1:], "--quiet"]
+try:
+    app()
+except SystemExit as exc:
+    print(exc.code, gc.isenabled())
+"""
+
+
+def test_merge_runs_without_cyclic_garbage_collection(tmp_path, llama_models):
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(m), "parameters": {"weight": 1.0}} for m in llama_models[:2]]})
+    out = subprocess.run([sys.executable, "-c", GC_PROBE, str(recipe), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["0", "False"], out.stdout + out.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
