@@ -107,7 +107,8 @@ def execute_job(
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
         """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
-            t = sources[model].read(name, rows).to(device=device, dtype=torch.float32,
+            dtype = None if method.stored_dtype_inputs else torch.float32
+            t = sources[model].read(name, rows).to(device=device, dtype=dtype,
                                                    non_blocking=True)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)

@@ -4,6 +4,7 @@ the thread count of chunk passes."""
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_state
 
 import mergekit.execute as execute_module
@@ -87,3 +88,43 @@ def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, 
     finally:
         torch.set_num_threads(before)
     assert seen == {"prepare": {3}, "chunk": {2}, "whole": {3}}
+
+
+@pytest.fixture(scope="module")
+def half_models(tmp_path_factory, llama_models) -> list[Path]:
+    """Copies of two test models stored in bfloat16 and float16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folders = []
+    for model, dtype in zip(llama_models[:2], (torch.bfloat16, torch.float16)):
+        folder = tmp_path_factory.mktemp("half") / f"{model.name}-{dtype}".replace(".", "_")
+        shutil.copytree(model, folder)
+        state = {k: v.to(dtype) for k, v in load_state(folder).items()}
+        (folder / "model.safetensors").unlink()
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 40])
+def test_stored_dtype_inputs_give_the_bits_of_float32_inputs(half_models, merge, monkeypatch,
+                                                             chunk_elements):
+    """linear gets its bfloat16 and float16 inputs unconverted; the output has the bits of
+    the method run on the float32 inputs and cast to the output dtype."""
+    from mergekit.methods.registry import get_method
+
+    if chunk_elements:
+        monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
+    out = merge({"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": str(half_models[0]), "parameters": {"weight": 0.3}},
+        {"model": str(half_models[1]), "parameters": {"weight": 0.6}}]})
+    merged = load_state(out)
+    a, b = (load_state(m) for m in half_models)
+    linear = get_method("linear")
+    params = linear.make_params({"weight": (0.3, 0.6)})
+    for name, tensor in merged.items():
+        expected = linear.fn([a[name].float(), b[name].float()], None, params)
+        assert torch.equal(tensor.view(torch.int16), expected.to(torch.bfloat16).view(
+            torch.int16)), name

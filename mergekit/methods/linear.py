@@ -15,7 +15,8 @@ class LinearParams(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
-@register("linear", LinearParams, base="unused", elementwise=True, keeps_nonfinite=True)
+@register("linear", LinearParams, base="unused", elementwise=True, keeps_nonfinite=True,
+          stored_dtype_inputs=True)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: LinearParams):
     """Linear (weighted average)
 
@@ -26,7 +27,10 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Linea
     # the weights as float32 values, as the math is done in
     weights = torch.tensor(params.weight, dtype=torch.float32)
     w = weights.tolist()
-    out = torch.mul(tensors[0], w[0])  # then accumulate in place: no temporaries
+    # the first input times its weight as a new float32 tensor, then accumulate in place:
+    # no temporaries, and the other inputs (in their stored dtype) are read as float32
+    first = tensors[0]
+    out = first * w[0] if first.dtype == torch.float32 else first.to(torch.float32).mul_(w[0])
     for wi, x in zip(w[1:], tensors[1:]):
         out.add_(x, alpha=wi)
     total = float(weights.sum())

@@ -3,7 +3,13 @@
 A method is a pure function ``fn(tensors, base, params) -> tensor``:
 ``tensors`` are the non-base inputs as float32 tensors of one shape, ``base`` the base
 model's tensor (or None), ``params`` an instance of the method's parameter model in which
-per-model fields hold one value per entry of ``tensors``.
+per-model fields hold one value per entry of ``tensors``. It returns a float32 tensor.
+
+A method registered with ``stored_dtype_inputs`` receives its inputs in the floating dtype
+they are stored in (bfloat16, float16 or float32) and must do its arithmetic in float32
+anyway: start from a float32 tensor and let type promotion widen the others (an in-place
+``out.add_(x, alpha=w)`` on a float32 ``out`` reads a bfloat16 ``x`` as float32, with the
+same bits as converting it first, and saves a pass over memory per input).
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ class Method:
     # finite weights, no masks or clamps): the engine checks each result instead of every
     # input, and looks at the inputs only when the result is not finite.
     keeps_nonfinite: bool = False
+    # Inputs come in their stored floating dtype, not converted to float32 first (see the
+    # module's notes).
+    stored_dtype_inputs: bool = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
@@ -172,6 +181,7 @@ def register(
     prepare: Callable[[Any, Any], Any] | None = None,
     copies: Callable[[Any], bool] | None = None,
     keeps_nonfinite: bool = False,
+    stored_dtype_inputs: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -180,7 +190,7 @@ def register(
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
             name, fn, params, base, shape_policy, min_models, max_models, random,
-            elementwise, prepare, copies, keeps_nonfinite,
+            elementwise, prepare, copies, keeps_nonfinite, stored_dtype_inputs,
         )
         return fn
 

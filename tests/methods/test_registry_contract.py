@@ -147,6 +147,29 @@ def test_nonfinite_inputs_do_not_raise(method: Method, with_base: bool, bad: flo
         assert torch.equal(~torch.isfinite(out), ~torch.isfinite(stacked).all(dim=0))
 
 
+STORED_DTYPE_CASES = [case for case in CASES if case.values[0].stored_dtype_inputs]
+
+
+@pytest.mark.parametrize("method, with_base", STORED_DTYPE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_dtype_inputs_give_the_float32_result(method: Method, with_base: bool,
+                                                     dtype: torch.dtype):
+    """A method that takes its inputs in their stored dtype computes as if they had been
+    converted to float32 first: same bits, float32 result."""
+    tensors, base = random_inputs(method, with_base, (6, 10), seed=6)
+    stored = [t.to(dtype) for t in tensors]
+    stored_base = None if base is None else base.to(dtype)
+    widened = call(method, [t.to(torch.float32) for t in stored],
+                   None if base is None else stored_base.to(torch.float32))
+    out = call(method, stored, stored_base)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.view(torch.int32), widened.view(torch.int32))
+
+
+def test_linear_takes_stored_dtype_inputs():
+    assert STORED_DTYPE_CASES and METHODS["linear"].stored_dtype_inputs
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_docstring_display_name_and_param_descriptions(name: str):
     method = METHODS[name]
