@@ -101,15 +101,19 @@ def execute_job(
         return
 
     row_numel = math.prod(job.shape[1:])
+    # stored dtypes that a float32 accumulator reads as float32 exactly (float64 would
+    # promote the arithmetic to float64; float8 does not promote at all)
+    widened_exactly = (torch.bfloat16, torch.float16, torch.float32)
 
     def inputs(
         rows: tuple[int, int] | None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
         """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
-            dtype = None if method.stored_dtype_inputs else torch.float32
-            t = sources[model].read(name, rows).to(device=device, dtype=dtype,
-                                                   non_blocking=True)
+            raw = sources[model].read(name, rows)
+            keep = method.stored_dtype_inputs and raw.dtype in widened_exactly
+            t = raw.to(device=device, dtype=None if keep else torch.float32,
+                       non_blocking=True)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t

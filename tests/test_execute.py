@@ -90,38 +90,45 @@ def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, 
     assert seen == {"prepare": {3}, "chunk": {2}, "whole": {3}}
 
 
+STORED = {"bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64,
+          "f8": torch.float8_e4m3fn}
+
+
 @pytest.fixture(scope="module")
-def half_models(tmp_path_factory, llama_models) -> list[Path]:
-    """Copies of two test models stored in bfloat16 and float16."""
+def stored_models(tmp_path_factory, llama_models) -> dict[str, Path]:
+    """Copies of a test model stored in each of the float dtypes of STORED."""
     import shutil
 
     from safetensors.torch import save_file
 
-    folders = []
-    for model, dtype in zip(llama_models[:2], (torch.bfloat16, torch.float16)):
-        folder = tmp_path_factory.mktemp("half") / f"{model.name}-{dtype}".replace(".", "_")
-        shutil.copytree(model, folder)
+    folders = {}
+    for code, dtype in STORED.items():
+        folder = tmp_path_factory.mktemp("stored") / code
+        shutil.copytree(llama_models[0 if code in ("bf16", "f64") else 1], folder)
         state = {k: v.to(dtype) for k, v in load_state(folder).items()}
         (folder / "model.safetensors").unlink()
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        folders.append(folder)
+        folders[code] = folder
     return folders
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 40])
-def test_stored_dtype_inputs_give_the_bits_of_float32_inputs(half_models, merge, monkeypatch,
-                                                             chunk_elements):
-    """linear gets its bfloat16 and float16 inputs unconverted; the output has the bits of
+@pytest.mark.parametrize("pair", [("bf16", "f16"), ("f64", "f8")])
+def test_stored_dtype_inputs_give_the_bits_of_float32_inputs(stored_models, merge, monkeypatch,
+                                                             chunk_elements, pair):
+    """linear gets its bfloat16 and float16 inputs unconverted (float64 and float8 are
+    converted first: they do not widen exactly); in every case the output has the bits of
     the method run on the float32 inputs and cast to the output dtype."""
     from mergekit.methods.registry import get_method
 
     if chunk_elements:
         monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
+    models = [stored_models[code] for code in pair]
     out = merge({"merge_method": "linear", "dtype": "bfloat16", "models": [
-        {"model": str(half_models[0]), "parameters": {"weight": 0.3}},
-        {"model": str(half_models[1]), "parameters": {"weight": 0.6}}]})
+        {"model": str(models[0]), "parameters": {"weight": 0.3}},
+        {"model": str(models[1]), "parameters": {"weight": 0.6}}]})
     merged = load_state(out)
-    a, b = (load_state(m) for m in half_models)
+    a, b = (load_state(m) for m in models)
     linear = get_method("linear")
     params = linear.make_params({"weight": (0.3, 0.6)})
     for name, tensor in merged.items():
