@@ -40,7 +40,6 @@ class FiniteCheck:
 
     def __call__(self, model: str, name: str, rows: tuple[int, int] | None,
                  tensor: torch.Tensor) -> None:
-
         if (model, name, rows) in self._seen:
             return
         self._seen.add((model, name, rows))

@@ -21,7 +21,9 @@ tenth of a CPU-second of every run, taken from torch's import on two cores.
 Python's cyclic garbage collector is turned off: refcounting frees a merge's tensors and
 buffers, and a whole merge leaves under a hundred objects in reference cycles whatever the
 model size (a test holds it to that), while the collections that torch's few hundred
-thousand long-lived objects set off re-traverse them all (measured: 0.13 s of a 2 s run).
+thousand long-lived objects set off re-traverse them all: one of 55-60 ms came right after
+torch's import (which itself runs with the collector paused), and a linear merge went from
+1.99 to 1.92 s.
 """
 
 from __future__ import annotations

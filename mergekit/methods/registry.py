@@ -7,10 +7,10 @@ per-model fields hold one value per entry of ``tensors``. It returns a float32 t
 
 A method registered with ``stored_dtype_inputs`` receives its inputs in the floating dtype
 they are stored in when that is bfloat16, float16 or float32 (float64 and float8 inputs
-still arrive as float32), and must do its arithmetic in float32
-anyway: start from a float32 tensor and let type promotion widen the others (an in-place
-``out.add_(x, alpha=w)`` on a float32 ``out`` reads a bfloat16 ``x`` as float32, with the
-same bits as converting it first, and saves a pass over memory per input).
+still arrive as float32), and must do its arithmetic in float32 anyway: start from a
+float32 tensor and let type promotion widen the others (an in-place ``out.add_(x,
+alpha=w)`` on a float32 ``out`` reads a bfloat16 ``x`` as float32, with the same bits as
+converting it first, and saves a pass over memory per input).
 """
 
 from __future__ import annotations
