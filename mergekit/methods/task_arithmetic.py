@@ -5,19 +5,21 @@ steps from this file."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from mergekit.methods.registry import MethodParams, PerModelFloat, RandomParams, register
 from mergekit.methods.task_vectors import (
     combine,
-    keep_della,
+    della_probabilities,
     keep_magnitude_band,
-    keep_random,
     keep_top_magnitude,
     kth_largest_magnitudes,
+    pack_mask,
+    random_mask,
     rescale_l1,
+    unpack_mask,
 )
 
 if TYPE_CHECKING:
@@ -105,6 +107,10 @@ class DareParams(RandomParams):
     int8_mask: bool = _int8_mask()
     # Set by prepare_random_sparse: per model, the whole tensor's L1 rescale factor.
     l1_scale: tuple[float, ...] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
+    # Set by prepare_random_sparse: the keep masks it drew, packed, by (offset, model), so
+    # the merge pass does not draw them again.
+    masks: dict[tuple[int, int], Any] | None = Field(
         None, description="internal", json_schema_extra={"internal": True})
 
     @model_validator(mode="after")
@@ -261,37 +267,61 @@ def _sparse_merge(
                    normalize=params.normalize, lambda_=params.lambda_)
 
 
+def _random_masker(
+    params: DareParams,
+) -> Callable[[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor | float]]:
+    """(keep mask, keep probabilities) of dare, or of della (rank-based probabilities), for
+    the task vector of model index i at ``params.offset``."""
+    if isinstance(params, DellaLinearParams):
+        def della(d: torch.Tensor, p: float, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            probs = della_probabilities(d, p, params.epsilon[i])
+            return random_mask(d, probs, params.seed, i, params.offset), probs
+
+        return della
+    return lambda d, p, i: (random_mask(d, p, params.seed, i, params.offset), p)
+
+
 def _random_sparsifier(
     params: DareParams,
 ) -> Callable[[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor | float]]:
-    """The random sparsifier of dare or della (which has an epsilon), for model index i."""
-    if isinstance(params, DellaLinearParams):
-        return lambda d, p, i: keep_della(d, p, params.epsilon[i], params.seed, i,
-                                          params.offset)
-    return lambda d, p, i: (keep_random(d, p, params.seed, i, params.offset), p)
+    """The random sparsifier of dare or della, reusing the masks the prepare pass drew (it
+    keeps them only for the L1 rescale, which needs no keep probabilities)."""
+    masker = _random_masker(params)
+
+    def sparsify(d: torch.Tensor, p: float, i: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+        packed = (params.masks or {}).get((params.offset, i))
+        if packed is not None:
+            return d * unpack_mask(packed, d), p
+        mask, probs = masker(d, p, i)
+        return d * mask, probs
+
+    return sparsify
 
 
 def prepare_random_sparse(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor, int]]],
     params: DareParams,
 ) -> DareParams:
-    """Whole-tensor L1 rescale factors of dare and della, from a pass over row chunks
-    (the random draws depend on each element's position, so they repeat exactly)."""
+    """Whole-tensor L1 rescale factors of dare and della, from a pass over row chunks; the
+    masks drawn are kept (packed) for the merge pass. The draws depend only on each
+    element's position, so they are the same whatever the chunking."""
     import torch
 
     if not params.rescale or params.rescale_mode != "l1":
         return params.model_copy(update={"l1_scale": (1.0,) * len(params.density)})
     totals = torch.zeros((len(params.density), 2), dtype=torch.float64)  # sum |d|, sum |kept|
+    masks = {}
     for xs, base, offset in chunks():
-        sparsify = _random_sparsifier(params.model_copy(update={"offset": offset}))
+        masker = _random_masker(params.model_copy(update={"offset": offset}))
         for i, density in enumerate(params.density):
             if density < 1.0:
                 delta = xs[i] - base
+                mask, _ = masker(delta, density, i)
                 totals[i, 0] += delta.abs().sum(dtype=torch.float64).cpu()
-                totals[i, 1] += sparsify(delta, density, i)[0].abs().sum(
-                    dtype=torch.float64).cpu()
+                totals[i, 1] += (delta * mask).abs().sum(dtype=torch.float64).cpu()
+                masks[(offset, i)] = pack_mask(mask)
     scales = tuple(float(a / b) if b > 0 else 1.0 for a, b in totals.tolist())
-    return params.model_copy(update={"l1_scale": scales})
+    return params.model_copy(update={"l1_scale": scales, "masks": masks})
 
 
 def _dare(tensors: list[torch.Tensor], base: torch.Tensor | None,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from mergekit.methods.random_stream import uniform
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -97,13 +98,29 @@ def below_mask(draw: torch.Tensor, limit: torch.Tensor | float) -> torch.Tensor:
     return torch.sub(limit, draw).sign_().clamp_(min=0.0)
 
 
-def keep_random(delta: torch.Tensor, density: float, seed: int, stream: int,
+def random_mask(delta: torch.Tensor, limit: torch.Tensor | float, seed: int, stream: int,
                 offset: int) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (rescaling is done later)."""
-    if density >= 1.0:
-        return delta
+    """1.0 where an entry is kept (its draw is below ``limit``, a keep probability per
+    entry or for all), else 0.0: DARE with the density as limit, DELLA with its ranks."""
     draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
-    return delta * below_mask(draw.to(device=delta.device), density)
+    return below_mask(draw.to(device=delta.device), limit)
+
+
+def pack_mask(mask: torch.Tensor) -> np.ndarray:
+    """A 0/1 mask at one bit per entry (the draws it came from cost far more to repeat)."""
+    import numpy as np
+    import torch
+
+    return np.packbits(mask.reshape(-1).to("cpu", torch.bool).numpy())
+
+
+def unpack_mask(packed: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """The mask ``pack_mask`` packed, as 0.0/1.0 of ``like``'s shape, dtype and device."""
+    import numpy as np
+    import torch
+
+    bits = torch.from_numpy(np.unpackbits(packed, count=like.numel()))
+    return bits.to(device=like.device, dtype=like.dtype).reshape(like.shape)
 
 
 def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -137,15 +154,6 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1)
     position = ranks.to(delta.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     return ((density - epsilon) + 2.0 * epsilon * position).reshape(delta.shape)
-
-
-def keep_della(
-    delta: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DELLA: keep each entry with its rank-based probability; returns (kept, probs)."""
-    probs = della_probabilities(delta, density, epsilon)
-    draw = uniform(delta.numel(), seed, stream, offset).reshape(delta.shape)
-    return delta * below_mask(draw.to(delta.device), probs), probs
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

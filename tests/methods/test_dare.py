@@ -185,3 +185,49 @@ def test_merge_drops_entries_of_the_sparse_model(llama_models, merge):
     kept = np.isclose(rest, db, atol=1e-6)
     assert (dropped | kept).all()
     assert 0.4 < kept.mean() < 0.6
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_merge_pass_reuses_the_masks_drawn_for_the_l1_rescale(name: str, monkeypatch):
+    """prepare keeps the masks it drew (packed); the merge pass of each row chunk then
+    draws nothing, and gives the bits of drawing the masks again."""
+    import torch
+
+    import mergekit.methods.task_vectors as task_vectors
+
+    method = get_method(name)
+    rng = np.random.default_rng(5)
+    base = torch.from_numpy(rng.normal(size=(40, 30)).astype(np.float32))
+    xs = [base + torch.from_numpy(rng.normal(size=(40, 30)).astype(np.float32))
+          for _ in range(2)]
+    values = {"weight": (0.6, 0.4), "density": (0.3, 0.7), "seed": 7}
+    if "epsilon" in method.params_model.model_fields:  # della
+        values["epsilon"] = (0.1, 0.2)
+    params = method.params_model.model_validate(values)
+    chunks = [([x[:20] for x in xs], base[:20], 0), ([x[20:] for x in xs], base[20:], 600)]
+    prepared = method.prepare(lambda: chunks, params)
+    assert set(prepared.masks) == {(0, 0), (0, 1), (600, 0), (600, 1)}
+    fresh = prepared.model_copy(update={"masks": None})
+    draws = []
+    real = task_vectors.uniform
+    monkeypatch.setattr(task_vectors, "uniform", lambda *a: draws.append(a) or real(*a))
+    for tensors, chunk_base, offset in chunks:
+        reused = method.fn(tensors, chunk_base, prepared.model_copy(update={"offset": offset}))
+        assert not draws
+        again = method.fn(tensors, chunk_base, fresh.model_copy(update={"offset": offset}))
+        assert len(draws) == 2  # one per model: the masks drawn again
+        draws.clear()
+        assert torch.equal(reused, again)
+
+
+@pytest.mark.parametrize("shape", [(13,), (3, 7), (2, 4, 8)])
+def test_packed_masks_unpack_to_the_same_mask(shape):
+    import torch
+
+    from mergekit.methods.task_vectors import pack_mask, unpack_mask
+
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    packed = pack_mask(mask)
+    assert packed.nbytes == -(-mask.numel() // 8)  # one bit per entry
+    like = torch.empty(shape, dtype=torch.float32)
+    assert torch.equal(unpack_mask(packed, like), mask)
