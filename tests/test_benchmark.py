@@ -7,6 +7,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _bench_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return bench
+
+
 def test_benchmark_quick_mode_runs_every_method(tmp_path):
     out = tmp_path / "table.md"
     proc = subprocess.run(
@@ -27,11 +36,7 @@ def test_benchmark_quick_mode_runs_every_method(tmp_path):
 def test_wall_ratio_is_the_median_of_each_rounds_ratio():
     """Each round's ratio, then their median: with ours 2, 3, 9 s and the other's 4, 6, 3 s
     the ratios are 0.5, 0.5 and 3, so 0.5 (the ratio of the medians would be 3 / 4)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench = _bench_module()
 
     def sample(wall: float, ok: bool = True):
         return bench.Sample(wall, 1.0, 100.0, 0.0, 1.0, ok)
@@ -44,3 +49,14 @@ def test_wall_ratio_is_the_median_of_each_rounds_ratio():
     other[0] = sample(4.0, ok=False)  # a failed round counts for neither tool
     assert bench.paired_ratio({"ours": ours, "other": other}) == (0.5 + 3.0) / 2
     assert bench.paired_ratio({"ours": ours}) is None
+
+
+def test_tools_run_free_to_cache_their_bytecode(monkeypatch):
+    """A sandbox's PYTHONDONTWRITEBYTECODE must not reach the tools measured (an editable
+    install would then compile its modules on every run), and they run offline."""
+    bench = _bench_module()
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    env = bench.child_env()
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert env["SOME_SETTING"] == "kept" and env["HF_HUB_OFFLINE"] == "1"
