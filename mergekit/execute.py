@@ -14,6 +14,7 @@ from mergekit.io.dtypes import torch_dtype
 from mergekit.io.model import ModelSource
 from mergekit.methods.registry import Method
 from mergekit.plan import TensorJob
+from mergekit.transfer import Transfer
 
 if TYPE_CHECKING:
     import torch
@@ -79,9 +80,10 @@ def execute_job(
     job: TensorJob, method: Method, sources: Mapping[str, ModelSource], device: torch.device,
     check: FiniteCheck | None = None, threads: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Merge one output tensor in float32 and cast it to the output dtype; yields the whole
-    tensor, or consecutive row chunks of it when the method is elementwise. ``threads``:
-    the CPU cores torch may use (see ``_set_threads``)."""
+    """Merge one output tensor in float32 on ``device`` and cast it to the output dtype;
+    yields the whole tensor, or consecutive row chunks of it when the method is elementwise,
+    in host memory (see ``transfer.py`` for how tensors cross to and from a GPU).
+    ``threads``: the CPU cores torch may use (see ``_set_threads``)."""
     import torch
 
     out_dtype = torch_dtype(job.dtype)
@@ -110,9 +112,9 @@ def execute_job(
         """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
             raw = sources[model].read(name, rows)
-            keep = method.stored_dtype_inputs and raw.dtype in widened_exactly
-            t = raw.to(device=device, dtype=None if keep else torch.float32,
-                       non_blocking=True)
+            t = transfer.to_device(raw)  # in its stored dtype: fewer bytes to move
+            if not (method.stored_dtype_inputs and raw.dtype in widened_exactly):
+                t = t.to(torch.float32)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t
@@ -122,6 +124,7 @@ def execute_job(
         offset = rows[0] * row_numel if rows else 0
         return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base, offset
 
+    transfer = Transfer(device)
     chunks = _row_chunks(job, method, params, sources)
     loaded = None
     _set_threads(threads, chunked=False)
@@ -132,6 +135,7 @@ def execute_job(
         else:  # too large to hold: each pass reads the chunks again
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
     _set_threads(threads, chunked=len(chunks) > 1)
+    pending = None  # the previous chunk's result, on its way to host memory
     for n, rows in enumerate(chunks):
         tensors, base, offset = loaded[n] if loaded is not None else inputs(rows)
         if method.random:  # draws follow the element's position in the whole tensor
@@ -147,7 +151,15 @@ def execute_job(
         if result.shape != shape:
             raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
                                f"for {job.output_name}, expected {tuple(shape)}")
-        yield result.to(device="cpu", dtype=out_dtype)
+        copying = transfer.to_host(result, out_dtype)
+        if not transfer.asynchronous:
+            yield copying.wait()
+            continue
+        if pending is not None:  # collected once the device has the next chunk's work
+            yield pending.wait()
+        pending = copying
+    if pending is not None:
+        yield pending.wait()
 
 
 def _f32_bytes(job: TensorJob) -> int:

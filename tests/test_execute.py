@@ -135,3 +135,23 @@ def test_stored_dtype_inputs_give_the_bits_of_float32_inputs(stored_models, merg
         expected = linear.fn([a[name].float(), b[name].float()], None, params)
         assert torch.equal(tensor.view(torch.int16), expected.to(torch.bfloat16).view(
             torch.int16)), name
+
+
+@pytest.mark.parametrize("name", ["linear", "ties"])
+def test_results_collected_a_chunk_late_keep_their_order(name, llama_models, merge,
+                                                          monkeypatch):
+    """With a device whose copies to the host are asynchronous (CUDA), each chunk's result
+    is collected after the next chunk's work is queued, and the last one after the loop:
+    forced on here (the CPU has nothing to overlap), the output keeps its bytes."""
+    from mergekit.transfer import Transfer
+
+    class Overlapping(Transfer):
+        def __init__(self, device):
+            super().__init__(device)
+            self.asynchronous = True
+
+    recipe = RECIPES[name](*(str(m) for m in llama_models))
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
+    in_order = merge(recipe)
+    monkeypatch.setattr(execute_module, "Transfer", Overlapping)
+    assert _bytes(merge(recipe)) == _bytes(in_order)
