@@ -191,7 +191,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_once(tool: str, recipe: dict, workdir: Path) -> Sample:
+def run_once(tool: str, recipe: dict, workdir: Path, flags: tuple[str, ...] = ()) -> Sample:
     import yaml
 
     recipe_path = workdir / "recipe.yml"
@@ -201,7 +201,7 @@ def run_once(tool: str, recipe: dict, workdir: Path) -> Sample:
     log = workdir / "stderr.log"  # a file, not a pipe: progress bars could fill a pipe
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, tool, str(recipe_path),
-                                 str(out)], stdout=subprocess.PIPE, stderr=err, text=True,
+                                 str(out), *flags], stdout=subprocess.PIPE, stderr=err, text=True,
                                 env=child_env())
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
@@ -256,6 +256,15 @@ def median_sample(samples: list[Sample]) -> Sample:
                     for f in ("wall_s", "cpu_s", "peak_rss_mb", "read_mb", "written_mb")), True)
 
 
+def gpu_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    return f"the GPU ({names[0].strip()})" if names and names[0].strip() else "the GPU"
+
+
 def default_tool() -> str:
     """The mergekit-yaml of this Python's environment: a version manager's shim found first
     on PATH (pyenv's is a chain of shell scripts) would add its own start-up to every run."""
@@ -279,12 +288,15 @@ def main() -> int:
                     help="the mergekit-yaml to measure (default: the one installed beside "
                     "this Python, else the one on PATH)")
     ap.add_argument("--compare-with", metavar="PATH", help="another mergekit-yaml to compare")
+    ap.add_argument("--cuda", action="store_true",
+                    help="pass --cuda to every tool: the math runs on the GPU")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--output", type=Path, help="write the markdown table here too")
     args = ap.parse_args()
     size = "quick" if args.quick else args.size
     runs = 1 if args.quick else args.runs
     warmup = 0 if args.quick else args.warmup
+    flags = ("--cuda",) if args.cuda else ()
 
     models = [args.cache / size / name for name in ("a", "b", "c")]
     for seed, m in enumerate(models):
@@ -298,18 +310,19 @@ def main() -> int:
         chosen = {m: r for m, r in recipes(models, layers).items() if m in wanted}
         for _ in range(warmup if chosen else 0):
             for _name, tool in tools:
-                run_once(tool, next(iter(chosen.values())), work)
+                run_once(tool, next(iter(chosen.values())), work, flags)
         for method, recipe in chosen.items():
             samples: dict[str, list[Sample]] = {name: [] for name, _ in tools}
             floors = []
             for _ in range(runs):
                 for name, tool in tools:  # alternate the tools run by run
-                    samples[name].append(run_once(tool, recipe, work))
+                    samples[name].append(run_once(tool, recipe, work, flags))
                 out_bytes = int(samples["ours"][-1].written_mb * 1e6)
                 floors.append(io_floor(models, out_bytes, work))
             rows.append((method, {n: median_sample(s) for n, s in samples.items()},
                          statistics.median(floors), paired_ratio(samples)))
-    table = render(rows, bool(args.compare_with), size)
+    table = render(rows, bool(args.compare_with), size + (f"; math on {gpu_name()}" if args.cuda
+                                                             else ""))
     print(table)
     if args.output:
         args.output.write_text(table + "\n")
