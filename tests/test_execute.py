@@ -56,16 +56,19 @@ def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge,
     assert load_state(whole).keys() == load_state(chunked).keys()
 
 
-def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, monkeypatch):
-    """Row-chunk passes run on one thread fewer than torch had; prepare passes and whole
-    tensors use them all; the count is given back at the end."""
+@pytest.mark.parametrize("name, prepare_threads", [("slerp", 2), ("ties", 3), ("dare_ties", 3)])
+def test_chunk_passes_leave_one_core_to_the_output_threads(name, prepare_threads, llama_models,
+                                                           merge, monkeypatch):
+    """Row-chunk passes run on one thread fewer than torch had, and so do the prepare
+    passes over row chunks of methods whose prepare is light (slerp); whole tensors and
+    other prepare passes use them all; the count is given back at the end."""
     import dataclasses
 
     import torch
 
     from mergekit.methods import registry
 
-    real = registry.get_method("slerp")
+    real = registry.get_method(name)
     seen: dict[str, set[int]] = {"prepare": set(), "chunk": set(), "whole": set()}
 
     def prepare(chunks, params):
@@ -77,17 +80,18 @@ def test_chunk_passes_leave_one_core_to_the_output_threads(llama_models, merge, 
         seen["chunk" if tensors[0].dim() > 1 else "whole"].add(torch.get_num_threads())
         return real.fn(tensors, base, params)
 
-    monkeypatch.setitem(registry._METHODS, "slerp",
+    monkeypatch.setitem(registry._METHODS, name,
                         dataclasses.replace(real, fn=fn, prepare=prepare))
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        merge(RECIPES["slerp"](*(str(m) for m in llama_models)))
+        merge(RECIPES[name](*(str(m) for m in llama_models)))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-    assert seen == {"prepare": {3}, "chunk": {2}, "whole": {3}}
+    # 1-D tensors (norms) are prepared whole, on every thread
+    assert seen == {"prepare": {prepare_threads, 3}, "chunk": {2}, "whole": {3}}
 
 
 STORED = {"bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64,

@@ -109,6 +109,10 @@ class Method:
     # Inputs come in their stored floating dtype, not converted to float32 first (see the
     # module's notes).
     stored_dtype_inputs: bool = False
+    # The prepare pass is light (slerp's dot products, bound by memory): over row chunks it
+    # leaves one core to the output's writer, as merge passes do. Other prepare passes
+    # (ties' selection, DARE's draws and sums) run on every core.
+    light_prepare: bool = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
@@ -183,6 +187,7 @@ def register(
     copies: Callable[[Any], bool] | None = None,
     keeps_nonfinite: bool = False,
     stored_dtype_inputs: bool = False,
+    light_prepare: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -191,7 +196,7 @@ def register(
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
             name, fn, params, base, shape_policy, min_models, max_models, random,
-            elementwise, prepare, copies, keeps_nonfinite, stored_dtype_inputs,
+            elementwise, prepare, copies, keeps_nonfinite, stored_dtype_inputs, light_prepare,
         )
         return fn
 

@@ -44,7 +44,7 @@ def prepare_slerp(
 
 
 @register("slerp", SlerpParams, base="required", min_models=1, max_models=1, elementwise=True,
-          prepare=prepare_slerp, keeps_nonfinite=True)
+          prepare=prepare_slerp, light_prepare=True, keeps_nonfinite=True)
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpParams):
     """SLERP (spherical linear interpolation)
 
