@@ -36,8 +36,14 @@ class FiniteCheck:
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
+        # chunks checked in the current job (passes that read a chunk again skip it)
         self._seen: set[tuple[str, str, tuple[int, int] | None]] = set()
         self._warned: set[tuple[str, str]] = set()
+
+    def next_job(self) -> None:
+        """Call as each tensor job begins: the chunks of the last one will not come again,
+        and remembering every chunk of a run would grow with the model."""
+        self._seen.clear()
 
     def __call__(self, model: str, name: str, rows: tuple[int, int] | None,
                  tensor: torch.Tensor) -> None:
@@ -88,6 +94,8 @@ def execute_job(
     ``threads``: the CPU cores torch may use (see ``_set_threads``)."""
     import torch
 
+    if check is not None:
+        check.next_job()
     out_dtype = torch_dtype(job.dtype)
     if not job.compute:
         ref = job.base or job.inputs[0]

@@ -159,3 +159,35 @@ def test_results_collected_a_chunk_late_keep_their_order(name, llama_models, mer
     in_order = merge(recipe)
     monkeypatch.setattr(execute_module, "Transfer", Overlapping)
     assert _bytes(merge(recipe)) == _bytes(in_order)
+
+
+def test_finite_check_remembers_one_job_at_a_time(llama_models, merge, monkeypatch):
+    """The NaN/Inf check sums each input chunk once per job, though a prepare pass reads it
+    again, and forgets the chunks of finished jobs: its memory does not grow with the
+    model."""
+    from collections import Counter
+
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES", 0)  # every pass reads again
+    sums: Counter = Counter()
+    remembered: list[int] = []
+    real_all_finite, real_call = execute_module.all_finite, execute_module.FiniteCheck.__call__
+
+    checking: list[tuple] = []  # the chunk being checked
+
+    def counting_all_finite(tensor):
+        sums.update(checking)
+        return real_all_finite(tensor)
+
+    def call(self, model, name, rows, tensor):
+        checking[:] = [(model, name, rows)]
+        real_call(self, model, name, rows, tensor)
+        checking.clear()
+        remembered.append(len(self._seen))
+
+    monkeypatch.setattr(execute_module, "all_finite", counting_all_finite)
+    monkeypatch.setattr(execute_module.FiniteCheck, "__call__", call)
+    merge(RECIPES["ties"](*(str(m) for m in llama_models)))
+    assert sums and set(sums.values()) == {1}  # once per chunk, though read twice
+    per_tensor = Counter(name for _, name, _ in sums)
+    assert max(remembered) == max(per_tensor.values()) < len(sums)
