@@ -60,3 +60,54 @@ def test_tools_run_free_to_cache_their_bytecode(monkeypatch):
     env = bench.child_env()
     assert "PYTHONDONTWRITEBYTECODE" not in env
     assert env["SOME_SETTING"] == "kept" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def _compare_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import compare_outputs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return compare_outputs
+
+
+def test_compare_outputs_counts_units_in_the_last_place(tmp_path):
+    """Two folders whose tensors differ by k steps of the bit pattern (k neighbouring
+    bfloat16 values): within rounding for k <= --ulps, not beyond; a missing tensor
+    fails."""
+    import torch
+    from safetensors.torch import save_file
+
+    compare = _compare_module()
+    torch.manual_seed(0)
+    state = {"w": torch.randn(8, 16).to(torch.bfloat16), "b": torch.randn(16).float()}
+    (tmp_path / "a").mkdir()
+    save_file(state, tmp_path / "a" / "model.safetensors")
+
+    def variant(name: str, k: int, drop: bool = False) -> Path:
+        w = state["w"].clone()
+        w.view(torch.int16)[3, 5] += k  # k values further from zero (same sign)
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"w": w} if drop else {"w": w, "b": state["b"]},
+                  folder / "model.safetensors")
+        return folder
+
+    assert compare.compare(tmp_path / "a", variant("same", 0), 0)[1]
+    lines, ok = compare.compare(tmp_path / "a", variant("one", 1), 1)
+    assert ok and "w: 1 of 128 elements differ, by at most 1 ulp" in lines
+    assert not compare.compare(tmp_path / "a", variant("one again", 1), 0)[1]
+    lines, ok = compare.compare(tmp_path / "a", variant("three", 3), 1)
+    assert not ok and "by at most 3 ulp" in lines[-1]
+    assert not compare.compare(tmp_path / "a", variant("missing", 0, drop=True), 1)[1]
+
+
+def test_ulp_distance_across_zero_and_signs():
+    import torch
+
+    compare = _compare_module()
+    tiny = torch.tensor([2.0**-146], dtype=torch.float32)  # 8 x the least subnormal: bits 8
+    assert int(compare.ulp_distance(tiny, -tiny)) == 16
+    assert int(compare.ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0]))) == 0
+    one = torch.tensor([1.0], dtype=torch.bfloat16)
+    assert int(compare.ulp_distance(one, torch.tensor([1.0078125], dtype=torch.bfloat16))) == 1
