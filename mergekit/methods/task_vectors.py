@@ -28,7 +28,17 @@ def kth_largest_magnitudes(
 ) -> list[float]:
     """For each of several tensors streamed together as re-iterable row chunks, the
     k-th largest |value| with k = top_count(densities[i], numel): the smallest magnitude
-    a magnitude sparsifier keeps.
+    a magnitude sparsifier keeps."""
+    return list(_kth_largest_bits(chunks, [lambda n, d=d: top_count(d, n) for d in densities],
+                                  as_float=True))
+
+
+def _kth_largest_bits(
+    chunks: Callable[[], Iterable[list[torch.Tensor]]], rank_of: Sequence[Callable[[int], int]],
+    as_float: bool = False,
+) -> list[int] | list[float]:
+    """For each tensor streamed by ``chunks``, the float32 bit pattern (an int) of its k-th
+    largest |value|, k = ``rank_of[i](numel)`` in 1..numel; or that value with ``as_float``.
 
     Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
     pass counts the high 16 bits, a second the low 16 bits inside the bucket holding the
@@ -37,19 +47,19 @@ def kth_largest_magnitudes(
     import torch
 
     def bits(chunk: torch.Tensor) -> torch.Tensor:
-        return chunk.abs().to(torch.float32).reshape(-1).view(torch.int32)
+        return magnitude_bits(chunk.abs().to(torch.float32))
 
     def count_from_top(hist: torch.Tensor) -> torch.Tensor:  # entries in buckets >= b
         return torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
 
-    n = len(densities)
+    n = len(rank_of)
     high = torch.zeros((n, 1 << 15), dtype=torch.int64)
     for parts in chunks():
         for i, chunk in enumerate(parts):
             high[i] += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
     buckets, needs = [], []
-    for i, density in enumerate(densities):
-        k = top_count(density, int(high[i].sum()))
+    for i in range(n):
+        k = rank_of[i](int(high[i].sum()))
         above = count_from_top(high[i])
         bucket = int(torch.nonzero(above >= k).max())
         buckets.append(bucket)
@@ -60,12 +70,21 @@ def kth_largest_magnitudes(
             b = bits(chunk)
             inside = (b[(b >> 16) == buckets[i]] & 0xFFFF).to(torch.int64).cpu()
             low[i] += torch.bincount(inside, minlength=1 << 16)
-    out = []
+    out: list = []
     for i in range(n):
         lo = int(torch.nonzero(count_from_top(low[i]) >= needs[i]).max())
-        value = torch.tensor([(buckets[i] << 16) | lo], dtype=torch.int32).view(torch.float32)
-        out.append(float(value))
+        pattern = (buckets[i] << 16) | lo
+        out.append(float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+                   if as_float else pattern)
     return out
+
+
+def magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of non-negative values (``abs`` of float32) as int32, whose
+    order is the values' order, NaN above infinity."""
+    import torch
+
+    return magnitude.reshape(-1).view(torch.int32)
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float,
@@ -127,7 +146,9 @@ def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> to
     """Breadcrumbs: drop the largest ``gamma`` fraction, keep the next ``density`` fraction.
 
     The kept count is int(density * numel) whatever the size, so a tensor too small to
-    drop any outlier still keeps its share.
+    drop any outlier still keeps its share. Ranks follow |value|, descending, with equal
+    magnitudes in index order. Found by radix selection, not a sort: a sort of a large
+    tensor took 30x the time and its int64 indices twice the tensor's memory.
     """
     import torch
 
@@ -139,10 +160,23 @@ def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> to
         return delta
     if keep_count <= 0:
         return torch.zeros_like(delta)
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[order[drop_top:drop_top + keep_count]] = True
+    bits = magnitude_bits(flat.abs().to(torch.float32))
+    keep = _first_ranks(bits, drop_top + keep_count)
+    if drop_top > 0:  # the entries ranked before the band: a subset of those
+        keep &= ~_first_ranks(bits, drop_top)
     return (flat * keep).reshape(delta.shape)
+
+
+def _first_ranks(bits: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` (>= 1) entries ranked first by the bit patterns of
+    ``magnitude_bits``, descending; of equal entries, those of lower index first."""
+    import torch
+
+    (last,) = _kth_largest_bits(lambda: [[bits.view(torch.float32)]], [lambda _: count])
+    mask = bits > last
+    short = count - int(mask.sum())  # entries equal to the last one that still rank in
+    mask[torch.nonzero(bits == last).reshape(-1)[:short]] = True
+    return mask
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

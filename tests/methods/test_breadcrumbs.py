@@ -158,3 +158,14 @@ def test_merge_matches_reference(llama_models, merge):
                                    [1.0, 0.5], [0.6, 0.4], [0.05, 0.01], ties=True)
         np.testing.assert_allclose(M[name].numpy(), expected, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("density, gamma", [(0.5, 0.1), (0.3, 0.0), (0.9, 0.05), (0.02, 0.3)])
+def test_equal_magnitudes_rank_in_index_order(density: float, gamma: float):
+    """Task vectors of a few distinct magnitudes (as bfloat16 deltas have): the band's
+    edges fall among equal values, which rank in index order, as a stable sort orders
+    them (the reference sorts; the method selects)."""
+    rng = np.random.default_rng(7)
+    delta = (rng.integers(-4, 5, size=(60, 35)) / 4).astype(np.float32)
+    expected = band_ref(delta, density, gamma, rescale=False)
+    np.testing.assert_array_equal(one(delta, density, gamma), expected.astype(np.float32))
