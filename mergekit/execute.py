@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from mergekit.errors import merge_failure
 from mergekit.io.dtypes import torch_dtype
 from mergekit.io.model import ModelSource
-from mergekit.methods.registry import Method
+from mergekit.methods.registry import Method, PositionalParams
 from mergekit.plan import TensorJob
 from mergekit.transfer import Transfer
 
@@ -148,7 +148,7 @@ def execute_job(
     pending = None  # the previous chunk's result, on its way to host memory
     for n, rows in enumerate(chunks):
         tensors, base, offset = loaded[n] if loaded is not None else inputs(rows)
-        if method.random:  # draws follow the element's position in the whole tensor
+        if isinstance(params, PositionalParams):  # results follow the element's position
             result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
         else:
             result = method.fn(tensors, base, params)

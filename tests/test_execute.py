@@ -30,6 +30,14 @@ RECIPES = {
                                      "models": [
         {"model": b, "parameters": {"weight": 0.5, "density": 0.4, "epsilon": 0.1}},
         {"model": c, "parameters": {"weight": 0.5, "density": 0.7}}]},
+    "breadcrumbs_ties": lambda a, b, c: {"merge_method": "breadcrumbs_ties", "base_model": a,
+                                         "models": [
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.1}},
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}]},
+    "breadcrumbs_rescaled": lambda a, b, c: {"merge_method": "breadcrumbs", "base_model": a,
+                                             "parameters": {"rescale": True}, "models": [
+        {"model": b, "parameters": {"weight": 0.6, "density": 0.3, "gamma": 0.2}},
+        {"model": c, "parameters": {"weight": 0.4, "density": 1.0}}]},
     "task_arithmetic": lambda a, b, c: {"merge_method": "task_arithmetic", "base_model": a,
                                         "dtype": "bfloat16", "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.2}}]},

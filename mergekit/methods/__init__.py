@@ -2,6 +2,7 @@
 
 from mergekit.methods import (  # noqa: F401
     arcee_fusion,
+    breadcrumbs,
     dare,
     karcher,
     linear,

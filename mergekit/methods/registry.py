@@ -46,16 +46,22 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class RandomParams(MethodParams):
+class PositionalParams(MethodParams):
+    """Base class of the parameters of methods whose result for an element depends on its
+    position in the whole tensor: the engine gives them the position of each row chunk."""
+
+    offset: int = Field(
+        0, description="set by the engine: flat index of the first element passed (row "
+        "chunks), so results depend on the element, not on the chunking",
+        json_schema_extra={"internal": True},
+    )
+
+
+class RandomParams(PositionalParams):
     """Base class of the parameters of methods that draw at random."""
 
     seed: int = Field(
         0, description="set by the engine from --random-seed and the tensor name",
-        json_schema_extra={"internal": True},
-    )
-    offset: int = Field(
-        0, description="set by the engine: flat index of the first element passed (row "
-        "chunks), so draws depend on the element, not on the chunking",
         json_schema_extra={"internal": True},
     )
 

@@ -1,7 +1,7 @@
 """The task-arithmetic family: merge task vectors (model - base) after optional
 sparsification, sign consensus and rescaling. Every method of the family is a choice of
 steps from this file and ``task_vectors.py``; the random sparsifiers (DARE, DELLA) are in
-``dare.py``."""
+``dare.py`` and the magnitude-band one (Model Breadcrumbs) in ``breadcrumbs.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
 from mergekit.methods.task_vectors import (
     combine,
-    keep_magnitude_band,
     keep_top_magnitude,
     kth_largest_magnitudes,
     rescale_l1,
@@ -22,6 +21,7 @@ from mergekit.methods.task_vectors import (
 if TYPE_CHECKING:
     import torch
 
+    from mergekit.methods.breadcrumbs import BreadcrumbsParams
     from mergekit.methods.dare import DareParams
 
 RescaleMode = Literal["l1", "inverse_density"]
@@ -92,30 +92,6 @@ class TiesParams(MethodParams):
     def _densities(self) -> TiesParams:
         check_density(self.density)
         return self
-
-
-class BreadcrumbsParams(MethodParams):
-    weight: PerModelFloat = weight_field()
-    density: PerModelFloat = density_field()
-    gamma: PerModelFloat = Field(0.01, description="fraction of largest-magnitude entries "
-                                 "dropped")
-    normalize: bool = Field(False, description="divide by the summed weights")
-    rescale: bool = Field(False, description="rescale the kept entries to the task vector's "
-                          "L1 norm")
-    lambda_: float = lambda_field()
-    int8_mask: bool = int8_mask_field()
-
-    @model_validator(mode="after")
-    def _gamma(self) -> BreadcrumbsParams:
-        check_density(self.density)
-        for g in self.gamma:
-            if not 0.0 <= g < 1.0:
-                raise ValueError(f"gamma {g} is outside [0, 1)")
-        return self
-
-
-class BreadcrumbsTiesParams(BreadcrumbsParams):
-    consensus: Consensus = consensus_field()
 
 
 # -- the methods -----------------------------------------------------------------------
@@ -218,30 +194,3 @@ def sparse_merge(
         deltas.append(_rescaled(delta, kept, probs, params, i))
     return combine(base, deltas, params.weight, consensus=consensus,
                    normalize=params.normalize, lambda_=params.lambda_)
-
-
-def _breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None,
-                 params: BreadcrumbsParams, consensus: str | None) -> torch.Tensor:
-    return sparse_merge(tensors, base, params,
-                         lambda d, p, i: (keep_magnitude_band(d, p, params.gamma[i]), p),
-                         consensus)
-
-
-@register("breadcrumbs", BreadcrumbsParams, base="required", shape_policy="base")
-def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None,
-                params: BreadcrumbsParams):
-    """Model Breadcrumbs
-
-    https://arxiv.org/abs/2312.06795
-    """
-    return _breadcrumbs(tensors, base, params, None)
-
-
-@register("breadcrumbs_ties", BreadcrumbsTiesParams, base="required", shape_policy="base")
-def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor | None,
-                     params: BreadcrumbsTiesParams):
-    """Model Breadcrumbs (with TIES sign consensus)
-
-    https://arxiv.org/abs/2312.06795
-    """
-    return _breadcrumbs(tensors, base, params, params.consensus)

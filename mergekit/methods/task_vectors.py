@@ -29,62 +29,70 @@ def kth_largest_magnitudes(
     """For each of several tensors streamed together as re-iterable row chunks, the
     k-th largest |value| with k = top_count(densities[i], numel): the smallest magnitude
     a magnitude sparsifier keeps."""
-    return list(_kth_largest_bits(chunks, [lambda n, d=d: top_count(d, n) for d in densities],
-                                  as_float=True))
-
-
-def _kth_largest_bits(
-    chunks: Callable[[], Iterable[list[torch.Tensor]]], rank_of: Sequence[Callable[[int], int]],
-    as_float: bool = False,
-) -> list[int] | list[float]:
-    """For each tensor streamed by ``chunks``, the float32 bit pattern (an int) of its k-th
-    largest |value|, k = ``rank_of[i](numel)`` in 1..numel; or that value with ``as_float``.
-
-    Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
-    pass counts the high 16 bits, a second the low 16 bits inside the bucket holding the
-    k-th value. Memory is one chunk; the result is exact and independent of chunking.
-    """
     import torch
 
-    def bits(chunk: torch.Tensor) -> torch.Tensor:
-        return magnitude_bits(chunk.abs().to(torch.float32))
+    found = magnitude_ranks(chunks, [lambda n, d=d: [top_count(d, n)] for d in densities])
+    return [float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+            for ((pattern, _),) in found]
+
+
+def magnitude_ranks(
+    chunks: Callable[[], Iterable[list[torch.Tensor]]],
+    ranks_of: Sequence[Callable[[int], Sequence[int]]],
+) -> list[list[tuple[int, int]]]:
+    """For each tensor streamed by ``chunks`` (re-iterable row chunks of several tensors
+    together) and each k in ``ranks_of[i](numel)`` (1 <= k <= numel): the float32 bit
+    pattern of its k-th largest |value| (see ``magnitude_bits``) and how many entries are
+    strictly larger.
+
+    Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
+    pass counts the high 16 bits, a second the low 16 bits inside the buckets holding the
+    k-th values. Memory is one chunk; the result is exact and independent of chunking.
+    """
+    import torch
 
     def count_from_top(hist: torch.Tensor) -> torch.Tensor:  # entries in buckets >= b
         return torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
 
-    n = len(rank_of)
+    n = len(ranks_of)
     high = torch.zeros((n, 1 << 15), dtype=torch.int64)
     for parts in chunks():
         for i, chunk in enumerate(parts):
-            high[i] += torch.bincount((bits(chunk) >> 16).cpu(), minlength=1 << 15)
-    buckets, needs = [], []
+            high[i] += torch.bincount((magnitude_bits(chunk) >> 16).cpu(), minlength=1 << 15)
+    # per tensor, per rank: (bucket, entries above the bucket, rank within the bucket)
+    wanted: list[list[tuple[int, int, int]]] = []
     for i in range(n):
-        k = rank_of[i](int(high[i].sum()))
         above = count_from_top(high[i])
-        bucket = int(torch.nonzero(above >= k).max())
-        buckets.append(bucket)
-        needs.append(k - (int(above[bucket + 1]) if bucket + 1 < len(above) else 0))
-    low = torch.zeros((n, 1 << 16), dtype=torch.int64)
+        wanted.append([])
+        for k in ranks_of[i](int(high[i].sum())):
+            bucket = int(torch.nonzero(above >= k).max())
+            over = int(above[bucket + 1]) if bucket + 1 < len(above) else 0
+            wanted[i].append((bucket, over, k - over))
+    low = [{bucket: torch.zeros(1 << 16, dtype=torch.int64) for bucket, _, _ in w}
+           for w in wanted]
     for parts in chunks():
         for i, chunk in enumerate(parts):
-            b = bits(chunk)
-            inside = (b[(b >> 16) == buckets[i]] & 0xFFFF).to(torch.int64).cpu()
-            low[i] += torch.bincount(inside, minlength=1 << 16)
-    out: list = []
+            bits = magnitude_bits(chunk)
+            for bucket, hist in low[i].items():
+                inside = (bits[(bits >> 16) == bucket] & 0xFFFF).to(torch.int64).cpu()
+                hist += torch.bincount(inside, minlength=1 << 16)
+    out = []
     for i in range(n):
-        lo = int(torch.nonzero(count_from_top(low[i]) >= needs[i]).max())
-        pattern = (buckets[i] << 16) | lo
-        out.append(float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
-                   if as_float else pattern)
+        out.append([])
+        for bucket, over, need in wanted[i]:
+            in_bucket = count_from_top(low[i][bucket])
+            lo = int(torch.nonzero(in_bucket >= need).max())
+            larger = over + (int(in_bucket[lo + 1]) if lo + 1 < len(in_bucket) else 0)
+            out[i].append(((bucket << 16) | lo, larger))
     return out
 
 
-def magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
-    """The float32 bit patterns of non-negative values (``abs`` of float32) as int32, whose
-    order is the values' order, NaN above infinity."""
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of |x|, flat, as int32: their order is the magnitudes'
+    order (NaN above infinity)."""
     import torch
 
-    return magnitude.reshape(-1).view(torch.int32)
+    return x.abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float,
@@ -140,43 +148,6 @@ def unpack_mask(packed: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
     bits = torch.from_numpy(np.unpackbits(packed, count=like.numel()))
     return bits.to(device=like.device, dtype=like.dtype).reshape(like.shape)
-
-
-def keep_magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the largest ``gamma`` fraction, keep the next ``density`` fraction.
-
-    The kept count is int(density * numel) whatever the size, so a tensor too small to
-    drop any outlier still keeps its share. Ranks follow |value|, descending, with equal
-    magnitudes in index order. Found by radix selection, not a sort: a sort of a large
-    tensor took 30x the time and its int64 indices twice the tensor's memory.
-    """
-    import torch
-
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    keep_count = int(density * n)
-    drop_top = min(int(gamma * n), n - keep_count)
-    if keep_count >= n:
-        return delta
-    if keep_count <= 0:
-        return torch.zeros_like(delta)
-    bits = magnitude_bits(flat.abs().to(torch.float32))
-    keep = _first_ranks(bits, drop_top + keep_count)
-    if drop_top > 0:  # the entries ranked before the band: a subset of those
-        keep &= ~_first_ranks(bits, drop_top)
-    return (flat * keep).reshape(delta.shape)
-
-
-def _first_ranks(bits: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of the ``count`` (>= 1) entries ranked first by the bit patterns of
-    ``magnitude_bits``, descending; of equal entries, those of lower index first."""
-    import torch
-
-    (last,) = _kth_largest_bits(lambda: [[bits.view(torch.float32)]], [lambda _: count])
-    mask = bits > last
-    short = count - int(mask.sum())  # entries equal to the last one that still rank in
-    mask[torch.nonzero(bits == last).reshape(-1)[:short]] = True
-    return mask
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

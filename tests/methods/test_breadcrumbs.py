@@ -169,3 +169,33 @@ def test_equal_magnitudes_rank_in_index_order(density: float, gamma: float):
     delta = (rng.integers(-4, 5, size=(60, 35)) / 4).astype(np.float32)
     expected = band_ref(delta, density, gamma, rescale=False)
     np.testing.assert_array_equal(one(delta, density, gamma), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 60])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_row_chunks_keep_what_the_whole_tensor_keeps(rows_per_chunk: int, rescale: bool):
+    """The prepare pass counts, for each row chunk, the entries equal to the band's edges
+    before it, so chunks merged one by one give the whole tensor's result, here with many
+    equal magnitudes at the edges."""
+    import torch
+
+    from mergekit.methods.breadcrumbs import prepare_breadcrumbs
+
+    method = get_method("breadcrumbs_ties")
+    rng = np.random.default_rng(11)
+    base = torch.from_numpy((rng.integers(-3, 4, size=(60, 35)) / 8).astype(np.float32))
+    xs = [base + torch.from_numpy((rng.integers(-4, 5, size=(60, 35)) / 4).astype(np.float32))
+          for _ in range(2)]
+    params = method.make_params({"weight": (0.6, 0.5), "density": (0.4, 0.7),
+                                 "gamma": (0.1, 0.02), "rescale": rescale})
+    whole = method.fn(xs, base, params)
+    starts = range(0, 60, rows_per_chunk)
+    chunks = [([x[r:r + rows_per_chunk] for x in xs], base[r:r + rows_per_chunk], r * 35)
+              for r in starts]
+    prepared = prepare_breadcrumbs(lambda: chunks, params)
+    parts = [method.fn(c_xs, c_base, prepared.model_copy(update={"offset": offset}))
+             for c_xs, c_base, offset in chunks]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    expected = breadcrumbs_ref([x.numpy() for x in xs], base.numpy(), [0.6, 0.5], [0.4, 0.7],
+                               [0.1, 0.02], ties=True, rescale=rescale)
+    np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-5, atol=1e-6)
