@@ -130,6 +130,10 @@ def recipes(models: list[Path], layers: int) -> dict[str, dict]:
                       "models": [
                           {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
                           {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}]},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": a,
+                             "dtype": "bfloat16", "models": [
+            {"model": b, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.01}},
+            {"model": c, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.01}}]},
         "passthrough": {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
             {"sources": [{"model": a, "layer_range": [0, layers]}]},
             {"sources": [{"model": b, "layer_range": [layers - half, layers]}]}]},
@@ -283,7 +287,8 @@ def main() -> int:
                     help="unrecorded runs of each tool first (default 1; 0 with --quick): "
                     "the first run of a tool compiles and caches its bytecode and brings "
                     "its libraries into the page cache")
-    ap.add_argument("--methods", default="linear,ties,slerp,dare_ties,passthrough")
+    ap.add_argument("--methods", default="linear,ties,slerp,dare_ties,passthrough",
+                    help="comma-separated, of: " + ", ".join(recipes([Path()] * 3, 2)))
     ap.add_argument("--tool", default=default_tool(),
                     help="the mergekit-yaml to measure (default: the one installed beside "
                     "this Python, else the one on PATH)")
