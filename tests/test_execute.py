@@ -38,6 +38,11 @@ RECIPES = {
                                              "parameters": {"rescale": True}, "models": [
         {"model": b, "parameters": {"weight": 0.6, "density": 0.3, "gamma": 0.2}},
         {"model": c, "parameters": {"weight": 0.4, "density": 1.0}}]},
+    "model_stock": lambda a, b, c: {"merge_method": "model_stock", "base_model": a,
+                                    "models": [{"model": b}, {"model": c}]},
+    "model_stock_rows": lambda a, b, c: {"merge_method": "model_stock", "base_model": a,
+                                         "parameters": {"filter_wise": True},
+                                         "models": [{"model": b}, {"model": c}]},
     "task_arithmetic": lambda a, b, c: {"merge_method": "task_arithmetic", "base_model": a,
                                         "dtype": "bfloat16", "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.2}}]},

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -16,6 +18,10 @@ class ModelStockParams(MethodParams):
     filter_wise: bool = Field(
         False, description="compute the interpolation ratio per row instead of per tensor"
     )
+    # Set by prepare_model_stock (one ratio per tensor): the interpolation ratio from the
+    # whole tensor's task vectors, so row chunks merge as the whole tensor would.
+    ratio: float | None = Field(None, description="internal",
+                                json_schema_extra={"internal": True})
 
 
 def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
@@ -32,7 +38,44 @@ def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
     return total / (n * (n - 1) / 2)
 
 
-@register("model_stock", ModelStockParams, base="required", min_models=2)
+def _per_row(params: ModelStockParams, base: torch.Tensor) -> bool:
+    return params.filter_wise and base.dim() >= 2
+
+
+def prepare_model_stock(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]],
+    params: ModelStockParams,
+) -> ModelStockParams:
+    """The ratio of a whole tensor (unless filter-wise) from the Gram matrix of its task
+    vectors, summed over row chunks: dot products per row in float32, summed over rows in
+    float64, so the result does not depend on the chunking."""
+    import torch
+
+    gram = None
+    for xs, base, *_ in chunks():
+        if _per_row(params, base):  # row-local: nothing to gather
+            return params
+        rows = base.reshape(base.shape[0] if base.dim() > 1 else 1, -1)
+        deltas = [x.reshape(rows.shape) - rows for x in xs]
+        n = len(deltas)
+        if gram is None:
+            gram = torch.zeros((n, n), dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                gram[i, j] += torch.linalg.vecdot(deltas[i], deltas[j]).sum(
+                    dtype=torch.float64).cpu()
+    assert gram is not None
+    n = gram.shape[0]
+    norms = [max(math.sqrt(float(gram[i, i])), EPS) for i in range(n)]
+    pairs = [float(gram[i, j]) / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]
+    cos = sum(pairs) / len(pairs)
+    denom = 1 + (n - 1) * cos
+    # cos = -1/(n-1) only when the deltas cancel exactly; fall back to the base there
+    return params.model_copy(update={"ratio": n * cos / denom if abs(denom) > EPS else 0.0})
+
+
+@register("model_stock", ModelStockParams, base="required", min_models=2, elementwise=True,
+          prepare=prepare_model_stock)
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None,
                 params: ModelStockParams):
     """Model Stock
@@ -44,14 +87,13 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None,
     assert base is not None
     n = len(tensors)
     stacked = torch.stack(tensors)  # (n_models, *shape)
-    deltas = stacked - base
-    if params.filter_wise and base.dim() >= 2:
-        vectors = deltas.reshape(n, base.shape[0], -1)  # (n_models, rows, row_len)
+    if _per_row(params, base):
+        cos = mean_pairwise_cosine((stacked - base).reshape(n, base.shape[0], -1))  # (rows,)
+        denom = 1 + (n - 1) * cos
+        t = torch.where(denom.abs() > EPS, n * cos / denom.where(denom.abs() > EPS, 1.0), 0.0)
+        t = t.reshape(-1, *([1] * (base.dim() - 1)))
     else:
-        vectors = deltas.reshape(n, 1, -1)
-    cos = mean_pairwise_cosine(vectors)  # (rows,) or (1,)
-    denom = 1 + (n - 1) * cos
-    # cos = -1/(n-1) only when the deltas cancel exactly; fall back to the base there
-    t = torch.where(denom.abs() > EPS, n * cos / denom.where(denom.abs() > EPS, 1.0), 0.0)
-    t = t.reshape(-1, *([1] * (base.dim() - 1))) if vectors.shape[1] > 1 else t.reshape(())
+        if params.ratio is None:
+            params = prepare_model_stock(lambda: [(tensors, base)], params)
+        t = params.ratio
     return t * stacked.mean(dim=0) + (1 - t) * base
