@@ -43,6 +43,9 @@ RECIPES = {
     "model_stock_rows": lambda a, b, c: {"merge_method": "model_stock", "base_model": a,
                                          "parameters": {"filter_wise": True},
                                          "models": [{"model": b}, {"model": c}]},
+    "sce": lambda a, b, c: {"merge_method": "sce", "base_model": a,
+                            "parameters": {"select_topk": 0.4},
+                            "models": [{"model": b}, {"model": c}]},
     "task_arithmetic": lambda a, b, c: {"merge_method": "task_arithmetic", "base_model": a,
                                         "dtype": "bfloat16", "models": [
         {"model": b, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.2}}]},

@@ -28,14 +28,11 @@ from mergekit.methods.task_arithmetic import (
     sparse_merge,
     weight_field,
 )
-from mergekit.methods.task_vectors import magnitude_bits, magnitude_ranks
+from mergekit.methods.task_vectors import Edge, magnitude_bits, magnitude_ranks, ranked_first
 
 if TYPE_CHECKING:
     import torch
 
-# One edge of a band: the bit pattern (``magnitude_bits``) of the last entry ranked in and
-# how many entries equal to it rank in, or None when no entry does.
-Edge = tuple[int, int] | None
 # A task vector's band: the entries ranked in by ``end`` and not by ``top``; None: all.
 Band = tuple[Edge, Edge] | None
 
@@ -84,21 +81,6 @@ def band_ranks(numel: int, density: float, gamma: float) -> tuple[int, int] | No
     return drop_top + keep_count, drop_top
 
 
-def _ranked_in(bits: torch.Tensor, edge: Edge, equal_before: int) -> torch.Tensor:
-    """Mask of the chunk's entries ranked up to ``edge``: larger than its magnitude, or
-    equal to it and among the first that rank in (``equal_before`` came in earlier
-    chunks)."""
-    import torch
-
-    if edge is None:
-        return torch.zeros(bits.shape, dtype=torch.bool, device=bits.device)
-    last, equal_in = edge
-    mask = bits > last
-    if equal_in > equal_before:
-        mask[torch.nonzero(bits == last).reshape(-1)[:equal_in - equal_before]] = True
-    return mask
-
-
 def band_mask(bits: torch.Tensor, band: Band, before: tuple[int, int]) -> torch.Tensor:
     """Mask of the chunk's entries (their ``magnitude_bits``) inside ``band``; ``before``:
     entries equal to the (end, top) edges in earlier chunks."""
@@ -107,9 +89,9 @@ def band_mask(bits: torch.Tensor, band: Band, before: tuple[int, int]) -> torch.
     if band is None:
         return torch.ones(bits.shape, dtype=torch.bool, device=bits.device)
     end, top = band
-    keep = _ranked_in(bits, end, before[0])
+    keep = ranked_first(bits, end, before[0])
     if top is not None:  # the entries ranked before the band: a subset of those
-        keep &= ~_ranked_in(bits, top, before[1])
+        keep &= ~ranked_first(bits, top, before[1])
     return keep
 
 

@@ -87,6 +87,27 @@ def magnitude_ranks(
     return out
 
 
+# The last entry ranked in among the largest magnitudes: its bit pattern
+# (``magnitude_bits``) and how many entries equal to it rank in (in index order); None when
+# no entry does.
+Edge = tuple[int, int] | None
+
+
+def ranked_first(bits: torch.Tensor, edge: Edge, equal_before: int) -> torch.Tensor:
+    """Bool mask of a row chunk's entries (their ``magnitude_bits``) ranked up to ``edge``:
+    larger than its magnitude, or equal to it and among the first that rank in, of which
+    ``equal_before`` came in earlier chunks."""
+    import torch
+
+    if edge is None:
+        return torch.zeros(bits.shape, dtype=torch.bool, device=bits.device)
+    last, equal_in = edge
+    mask = bits > last
+    if equal_in > equal_before:
+        mask[torch.nonzero(bits == last).reshape(-1)[:equal_in - equal_before]] = True
+    return mask
+
+
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """The float32 bit patterns of |x|, flat, as int32: their order is the magnitudes'
     order (NaN above infinity)."""

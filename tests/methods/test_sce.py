@@ -100,3 +100,27 @@ def test_merge_matches_reference(llama_models, merge):
         expected = sce_ref([B[name].numpy(), C[name].numpy()], A[name].numpy(), 0.5)
         np.testing.assert_allclose(M[name].numpy(), expected, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 9, 30])
+def test_row_chunks_select_what_the_whole_tensor_selects(rows_per_chunk: int):
+    """The prepare pass finds the selection's edge and, per row chunk, how many positions
+    of equal variance come before it: chunks merged one by one give the whole tensor's
+    bits, here with many positions of equal variance, which rank in index order."""
+    from mergekit.methods.sce import prepare_sce
+
+    method = get_method("sce")
+    rng = np.random.default_rng(5)
+    base = torch.from_numpy((rng.integers(-2, 3, size=(30, 12)) / 4).astype(np.float32))
+    xs = [base + torch.from_numpy((rng.integers(-2, 3, size=(30, 12)) / 2).astype(np.float32))
+          for _ in range(3)]
+    params = method.make_params({"select_topk": 0.3})
+    whole = method.fn(xs, base, params)
+    chunks = [([x[r:r + rows_per_chunk] for x in xs], base[r:r + rows_per_chunk], r * 12)
+              for r in range(0, 30, rows_per_chunk)]
+    prepared = prepare_sce(lambda: chunks, params)
+    parts = [method.fn(c_xs, c_base, prepared.model_copy(update={"offset": offset}))
+             for c_xs, c_base, offset in chunks]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    expected = sce_ref([x.numpy() for x in xs], base.numpy(), 0.3)
+    np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-5, atol=1e-6)
