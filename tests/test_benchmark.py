@@ -7,13 +7,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench_module():
+def _benchmarks_module(name: str):
+    """A script of benchmarks/ imported as a module."""
+    import importlib
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import bench
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return bench
 
 
 def test_benchmark_quick_mode_runs_every_method(tmp_path):
@@ -36,7 +38,7 @@ def test_benchmark_quick_mode_runs_every_method(tmp_path):
 def test_wall_ratio_is_the_median_of_each_rounds_ratio():
     """Each round's ratio, then their median: with ours 2, 3, 9 s and the other's 4, 6, 3 s
     the ratios are 0.5, 0.5 and 3, so 0.5 (the ratio of the medians would be 3 / 4)."""
-    bench = _bench_module()
+    bench = _benchmarks_module("bench")
 
     def sample(wall: float, ok: bool = True):
         return bench.Sample(wall, 1.0, 100.0, 0.0, 1.0, ok)
@@ -54,21 +56,12 @@ def test_wall_ratio_is_the_median_of_each_rounds_ratio():
 def test_tools_run_free_to_cache_their_bytecode(monkeypatch):
     """A sandbox's PYTHONDONTWRITEBYTECODE must not reach the tools measured (an editable
     install would then compile its modules on every run), and they run offline."""
-    bench = _bench_module()
+    bench = _benchmarks_module("bench")
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.setenv("SOME_SETTING", "kept")
     env = bench.child_env()
     assert "PYTHONDONTWRITEBYTECODE" not in env
     assert env["SOME_SETTING"] == "kept" and env["HF_HUB_OFFLINE"] == "1"
-
-
-def _compare_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import compare_outputs
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return compare_outputs
 
 
 def test_compare_outputs_counts_units_in_the_last_place(tmp_path):
@@ -78,7 +71,7 @@ def test_compare_outputs_counts_units_in_the_last_place(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    compare = _compare_module()
+    compare = _benchmarks_module("compare_outputs")
     torch.manual_seed(0)
     state = {"w": torch.randn(8, 16).to(torch.bfloat16), "b": torch.randn(16).float()}
     (tmp_path / "a").mkdir()
@@ -105,7 +98,7 @@ def test_compare_outputs_counts_units_in_the_last_place(tmp_path):
 def test_ulp_distance_across_zero_and_signs():
     import torch
 
-    compare = _compare_module()
+    compare = _benchmarks_module("compare_outputs")
     tiny = torch.tensor([2.0**-146], dtype=torch.float32)  # 8 x the least subnormal: bits 8
     assert int(compare.ulp_distance(tiny, -tiny)) == 16
     assert int(compare.ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0]))) == 0
