@@ -43,6 +43,10 @@ RECIPES = {
     "model_stock_rows": lambda a, b, c: {"merge_method": "model_stock", "base_model": a,
                                          "parameters": {"filter_wise": True},
                                          "models": [{"model": b}, {"model": c}]},
+    "multislerp": lambda a, b, c: {"merge_method": "multislerp", "base_model": a, "models": [
+        {"model": b, "parameters": {"weight": 0.7}}, {"model": c, "parameters": {"weight": 0.4}}]},
+    "multislerp_no_base": lambda a, b, c: {"merge_method": "multislerp", "models": [
+        {"model": a}, {"model": b}, {"model": c}]},
     "sce": lambda a, b, c: {"merge_method": "sce", "base_model": a,
                             "parameters": {"select_topk": 0.4},
                             "models": [{"model": b}, {"model": c}]},

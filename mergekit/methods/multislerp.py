@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -14,40 +16,86 @@ class MultiSlerpParams(MethodParams):
     weight: PerModelFloat = Field(1.0, description="weight of this model in the mean")
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, description="guards the divisions by norms")
+    # Set by prepare_multislerp: the Gram matrix of the whole tensor's vectors (inputs, or
+    # task vectors with a base), row-major, so row chunks merge as the whole tensor would.
+    gram: tuple[float, ...] | None = Field(None, description="internal",
+                                           json_schema_extra={"internal": True})
 
 
-@register("multislerp", MultiSlerpParams, base="optional", min_models=1)
+def _vectors(tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    import torch
+
+    vectors = torch.stack([x.reshape(-1) for x in tensors])  # (n_models, numel)
+    return vectors - base.reshape(-1) if base is not None else vectors
+
+
+def prepare_multislerp(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
+    params: MultiSlerpParams,
+) -> MultiSlerpParams:
+    """The Gram matrix of the vectors, summed over row chunks: dot products per row in
+    float32, summed over rows in float64, so the result does not depend on the chunking."""
+    import torch
+
+    gram = None
+    for xs, base, *_ in chunks():
+        n = len(xs)
+        rows = xs[0].shape[0] if xs[0].dim() > 1 else 1
+        vectors = _vectors(xs, base).reshape(n, rows, -1)  # (n_models, rows, row_len)
+        if gram is None:
+            gram = torch.zeros((n, n), dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                gram[i, j] += torch.linalg.vecdot(vectors[i], vectors[j]).sum(
+                    dtype=torch.float64).cpu()
+                gram[j, i] = gram[i, j]
+    assert gram is not None
+    return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
+
+
+@register("multislerp", MultiSlerpParams, base="optional", min_models=1, elementwise=True,
+          prepare=prepare_multislerp)
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
                params: MultiSlerpParams):
     """Multi-SLERP (weighted spherical mean of several models)
 
     Unit vectors u_i = x_i / (|x_i| + eps) of the inputs (task vectors when a base is
     given); m = normalised sum of w_i u_i; tangent = sum of w_i (u_i - (u_i . m) m); one
-    exponential step from m along it; scaled by the weighted mean norm.
+    exponential step from m along it; scaled by the weighted mean norm. The norms and dot
+    products are those of the whole tensor (from its Gram matrix), the rest elementwise.
     """
-    import torch
-
     if len(tensors) == 1:
         return tensors[0]
+    if params.gram is None:
+        params = prepare_multislerp(lambda: [(tensors, base)], params)
+    assert params.gram is not None
     eps = params.eps
+    n = len(tensors)
     shape = tensors[0].shape
-    vectors = torch.stack([x.reshape(-1) for x in tensors])  # (n_models, numel)
-    if base is not None:
-        vectors = vectors - base.reshape(-1)
-    weights = torch.tensor(params.weight, dtype=vectors.dtype, device=vectors.device)
+    gram = [params.gram[i * n:(i + 1) * n] for i in range(n)]
+    weights = list(params.weight)
     if params.normalize_weights:
-        total = float(weights.sum())
-        weights = weights / (total if total != 0 else 1.0)
-    norms = torch.linalg.vector_norm(vectors, dim=-1)  # (n_models,)
-    unit = vectors / (norms.unsqueeze(-1) + eps)
-    mean = (weights.unsqueeze(-1) * unit).sum(dim=0)
-    mean_norm = float(torch.linalg.vector_norm(mean))
+        total = sum(weights)
+        weights = [w / (total if total != 0 else 1.0) for w in weights]
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    coef = [w / (norm + eps) for w, norm in zip(weights, norms)]  # mean = sum coef_i v_i
+    mean_norm = math.sqrt(max(sum(coef[i] * coef[j] * gram[i][j]
+                                  for i in range(n) for j in range(n)), 0.0))
+    vectors = _vectors(tensors, base)
     if mean_norm < eps:  # the directions cancel: no sphere point to start from
-        out = (weights.unsqueeze(-1) * vectors).sum(dim=0).reshape(shape)
+        out = sum(w * v for w, v in zip(weights, vectors)).reshape(shape)
         return out + base if base is not None else out
-    mean = mean / mean_norm
-    tangent = (weights.unsqueeze(-1) * (unit - (unit @ mean).unsqueeze(-1) * mean)).sum(dim=0)
-    length = torch.linalg.vector_norm(tangent) + eps
-    direction = torch.cos(length) * mean + torch.sin(length) * tangent / length
-    out = (direction * (weights * norms).sum()).reshape(shape)
+    # u_i . m, and the tangent's squared length, from the Gram matrix
+    along = [sum(coef[j] * gram[i][j] for j in range(n)) / ((norms[i] + eps) * mean_norm)
+             for i in range(n)]
+    tangent_coef = [weights[i] / (norms[i] + eps) for i in range(n)]
+    shift = sum(w * a for w, a in zip(weights, along))  # tangent = sum t_i v_i - shift m
+    m_coef = [c / mean_norm for c in coef]  # m = sum m_i v_i
+    t_coef = [t - shift * mc for t, mc in zip(tangent_coef, m_coef)]
+    length = math.sqrt(max(sum(t_coef[i] * t_coef[j] * gram[i][j]
+                               for i in range(n) for j in range(n)), 0.0)) + eps
+    scale = sum(w * norm for w, norm in zip(weights, norms))
+    mix = [scale * (math.cos(length) * mc + math.sin(length) / length * tc)
+           for mc, tc in zip(m_coef, t_coef)]
+    out = sum(c * v for c, v in zip(mix, vectors)).reshape(shape)
     return out + base if base is not None else out
