@@ -47,6 +47,11 @@ RECIPES = {
         {"model": b, "parameters": {"weight": 0.7}}, {"model": c, "parameters": {"weight": 0.4}}]},
     "multislerp_no_base": lambda a, b, c: {"merge_method": "multislerp", "models": [
         {"model": a}, {"model": b}, {"model": c}]},
+    "nuslerp": lambda a, b, c: {"merge_method": "nuslerp", "base_model": a, "models": [
+        {"model": b, "parameters": {"weight": 0.7}}, {"model": c, "parameters": {"weight": 0.4}}]},
+    "nuslerp_rows": lambda a, b, c: {"merge_method": "nuslerp", "parameters": {
+        "nuslerp_flatten": False}, "models": [
+        {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},
     "sce": lambda a, b, c: {"merge_method": "sce", "base_model": a,
                             "parameters": {"select_topk": 0.4},
                             "models": [{"model": b}, {"model": c}]},

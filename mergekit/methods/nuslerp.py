@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -20,6 +22,10 @@ class NuSlerpParams(MethodParams):
         False, description="when not flattening: false interpolates each row W[i, :], "
         "true each column W[:, j] (the established tool's convention)"
     )
+    # Set by prepare_nuslerp for a tensor treated as one vector: (|a|^2, |b|^2, a . b) of
+    # the whole tensor, so row chunks are interpolated with the whole tensor's angle.
+    sums: tuple[float, float, float] | None = Field(
+        None, description="internal", json_schema_extra={"internal": True})
 
 
 def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -40,7 +46,52 @@ def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return s_a * a + s_b * b
 
 
-@register("nuslerp", NuSlerpParams, base="optional", min_models=2, max_models=2)
+def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = tensors
+    return (a - base, b - base) if base is not None else (a, b)
+
+
+def _one_vector(params: NuSlerpParams, a: torch.Tensor) -> bool:
+    return params.nuslerp_flatten or a.dim() < 2
+
+
+def prepare_nuslerp(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
+    params: NuSlerpParams,
+) -> NuSlerpParams:
+    """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) summed over row chunks
+    (dot products per row in float32, summed over rows in float64, so the result does not
+    depend on the chunking). Rows are interpolated on their own and need nothing."""
+    import torch
+
+    total = torch.zeros(3, dtype=torch.float64)
+    for xs, base, *_ in chunks():
+        a, b = _task_vectors(xs, base)
+        if not _one_vector(params, a):
+            return params
+        a = a.reshape(a.shape[0] if a.dim() > 1 else 1, -1)
+        b = b.reshape(a.shape)
+        total += torch.stack([torch.linalg.vecdot(a, a).sum(dtype=torch.float64),
+                              torch.linalg.vecdot(b, b).sum(dtype=torch.float64),
+                              torch.linalg.vecdot(a, b).sum(dtype=torch.float64)]).cpu()
+    return params.model_copy(update={"sums": tuple(total.tolist())})
+
+
+def _coefficients(sums: tuple[float, float, float], t: float) -> tuple[float, float]:
+    """(s_a, s_b) of slerp between two vectors with these (|a|^2, |b|^2, a . b)."""
+    aa, bb, ab = sums
+    norm_a, norm_b = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+    cos = ab / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
+    if not math.isfinite(cos) or abs(cos) > COLINEAR_COSINE:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+@register("nuslerp", NuSlerpParams, base="optional", min_models=2, max_models=2,
+          elementwise=lambda p: p.nuslerp_flatten or not p.nuslerp_row_wise,
+          prepare=prepare_nuslerp)
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSlerpParams):
     """NuSLERP (slerp by weights, of task vectors when a base is given)"""
     import torch
@@ -48,12 +99,14 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
     w1, w2 = params.weight
     total = w1 + w2
     t = w2 / total if total != 0 else 0.5
-    a, b = tensors
-    if base is not None:
-        a, b = a - base, b - base
+    a, b = _task_vectors(tensors, base)
     shape = a.shape
-    if params.nuslerp_flatten or a.dim() < 2:
-        out = slerp_rows(a.reshape(1, -1), b.reshape(1, -1), t).reshape(shape)
+    if _one_vector(params, a):
+        if params.sums is None:
+            params = prepare_nuslerp(lambda: [(tensors, base)], params)
+        assert params.sums is not None
+        s_a, s_b = _coefficients(params.sums, t)
+        out = torch.mul(a, s_a).add_(b, alpha=s_b)
     elif not params.nuslerp_row_wise:  # rows W[i, :]
         out = slerp_rows(a.reshape(shape[0], -1), b.reshape(shape[0], -1), t).reshape(shape)
     else:  # columns W[:, j]: vectors along the first dimension
