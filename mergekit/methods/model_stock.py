@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, register
 
 if TYPE_CHECKING:
@@ -47,23 +48,13 @@ def prepare_model_stock(
     params: ModelStockParams,
 ) -> ModelStockParams:
     """The ratio of a whole tensor (unless filter-wise) from the Gram matrix of its task
-    vectors, summed over row chunks: dot products per row in float32, summed over rows in
-    float64, so the result does not depend on the chunking."""
-    import torch
-
+    vectors, summed over row chunks (see ``row_gram``)."""
     gram = None
     for xs, base, *_ in chunks():
         if _per_row(params, base):  # row-local: nothing to gather
             return params
-        rows = base.reshape(base.shape[0] if base.dim() > 1 else 1, -1)
-        deltas = [x.reshape(rows.shape) - rows for x in xs]
-        n = len(deltas)
-        if gram is None:
-            gram = torch.zeros((n, n), dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                gram[i, j] += torch.linalg.vecdot(deltas[i], deltas[j]).sum(
-                    dtype=torch.float64).cpu()
+        chunk = row_gram([x - base for x in xs])
+        gram = chunk if gram is None else gram + chunk
     assert gram is not None
     n = gram.shape[0]
     norms = [max(math.sqrt(float(gram[i, i])), EPS) for i in range(n)]

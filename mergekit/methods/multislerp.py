@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
 
 if TYPE_CHECKING:
@@ -33,22 +34,11 @@ def prepare_multislerp(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
     params: MultiSlerpParams,
 ) -> MultiSlerpParams:
-    """The Gram matrix of the vectors, summed over row chunks: dot products per row in
-    float32, summed over rows in float64, so the result does not depend on the chunking."""
-    import torch
-
+    """The Gram matrix of the vectors, summed over row chunks (see ``row_gram``)."""
     gram = None
     for xs, base, *_ in chunks():
-        n = len(xs)
-        rows = xs[0].shape[0] if xs[0].dim() > 1 else 1
-        vectors = _vectors(xs, base).reshape(n, rows, -1)  # (n_models, rows, row_len)
-        if gram is None:
-            gram = torch.zeros((n, n), dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                gram[i, j] += torch.linalg.vecdot(vectors[i], vectors[j]).sum(
-                    dtype=torch.float64).cpu()
-                gram[j, i] = gram[i, j]
+        chunk = row_gram([x - base if base is not None else x for x in xs])
+        gram = chunk if gram is None else gram + chunk
     assert gram is not None
     return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
 

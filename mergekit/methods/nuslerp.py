@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
 
 if TYPE_CHECKING:
@@ -61,8 +62,7 @@ def prepare_nuslerp(
     params: NuSlerpParams,
 ) -> NuSlerpParams:
     """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) summed over row chunks
-    (dot products per row in float32, summed over rows in float64, so the result does not
-    depend on the chunking). Rows are interpolated on their own and need nothing."""
+    (see ``row_gram``). Rows are interpolated on their own and need nothing."""
     import torch
 
     total = torch.zeros(3, dtype=torch.float64)
@@ -70,11 +70,8 @@ def prepare_nuslerp(
         a, b = _task_vectors(xs, base)
         if not _one_vector(params, a):
             return params
-        a = a.reshape(a.shape[0] if a.dim() > 1 else 1, -1)
-        b = b.reshape(a.shape)
-        total += torch.stack([torch.linalg.vecdot(a, a).sum(dtype=torch.float64),
-                              torch.linalg.vecdot(b, b).sum(dtype=torch.float64),
-                              torch.linalg.vecdot(a, b).sum(dtype=torch.float64)]).cpu()
+        gram = row_gram([a, b])
+        total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
     return params.model_copy(update={"sums": tuple(total.tolist())})
 
 

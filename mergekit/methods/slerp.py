@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, register
 
 if TYPE_CHECKING:
@@ -32,14 +33,8 @@ def prepare_slerp(
 
     total = torch.zeros(3, dtype=torch.float64)
     for (other,), base, *_ in chunks():
-        # dot products per row in float32 (a few thousand terms each; relative error about
-        # 1e-6), summed over rows in float64: 4x faster than float64 sums of every product,
-        # and chunks hold whole rows, so the result does not depend on the chunking
-        b = base.reshape(base.shape[0] if base.dim() > 1 else 1, -1)
-        o = other.reshape(b.shape)
-        total += torch.stack([torch.linalg.vecdot(b, b).sum(dtype=torch.float64),
-                              torch.linalg.vecdot(o, o).sum(dtype=torch.float64),
-                              torch.linalg.vecdot(b, o).sum(dtype=torch.float64)]).cpu()
+        gram = row_gram([base, other])
+        total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
     return params.model_copy(update={"sums": tuple(total.tolist())})
 
 

@@ -1,0 +1,30 @@
+"""Dot products of whole tensors gathered over row chunks, for the methods that need a
+tensor's norms or angles before they can merge its chunks (slerp, nuslerp, multislerp,
+model_stock)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def row_gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (n, n) float64 Gram matrix of ``vectors`` (tensors of one shape, or the same row
+    chunk of several tensors), on the CPU: dot products per row in float32 (a few thousand
+    terms each; relative error about 1e-6), summed over rows in float64. Chunks hold whole
+    rows, so summing the matrices of a tensor's chunks does not depend on the chunking,
+    and it is 4x faster than float64 products."""
+    import torch
+
+    shape = vectors[0].shape
+    rows = [v.reshape(shape[0] if len(shape) > 1 else 1, -1) for v in vectors]
+    n = len(rows)
+    gram = torch.zeros((n, n), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            gram[i, j] = gram[j, i] = torch.linalg.vecdot(rows[i], rows[j]).sum(
+                dtype=torch.float64).cpu()
+    return gram
