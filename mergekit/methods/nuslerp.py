@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -8,6 +7,7 @@ from pydantic import Field
 
 from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
+from mergekit.methods.slerp import slerp_coefficients
 
 if TYPE_CHECKING:
     import torch
@@ -75,17 +75,6 @@ def prepare_nuslerp(
     return params.model_copy(update={"sums": tuple(total.tolist())})
 
 
-def _coefficients(sums: tuple[float, float, float], t: float) -> tuple[float, float]:
-    """(s_a, s_b) of slerp between two vectors with these (|a|^2, |b|^2, a . b)."""
-    aa, bb, ab = sums
-    norm_a, norm_b = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
-    cos = ab / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
-    if not math.isfinite(cos) or abs(cos) > COLINEAR_COSINE:
-        return 1.0 - t, t
-    theta = math.acos(max(-1.0, min(1.0, cos)))
-    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-
-
 @register("nuslerp", NuSlerpParams, base="optional", min_models=2, max_models=2,
           elementwise=lambda p: p.nuslerp_flatten or not p.nuslerp_row_wise,
           prepare=prepare_nuslerp)
@@ -102,7 +91,7 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
         if params.sums is None:
             params = prepare_nuslerp(lambda: [(tensors, base)], params)
         assert params.sums is not None
-        s_a, s_b = _coefficients(params.sums, t)
+        s_a, s_b = slerp_coefficients(params.sums, t) or (1.0 - t, t)
         out = torch.mul(a, s_a).add_(b, alpha=s_b)
     elif not params.nuslerp_row_wise:  # rows W[i, :]
         out = slerp_rows(a.reshape(shape[0], -1), b.reshape(shape[0], -1), t).reshape(shape)

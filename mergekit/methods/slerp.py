@@ -52,16 +52,23 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
     if params.sums is None:
         params = prepare_slerp(lambda: [(tensors, base)], params)
     assert params.sums is not None
-    t = params.t
-    aa, bb, ab = params.sums
-    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
+    coefficients = slerp_coefficients(params.sums, params.t)
+    if coefficients is None:
+        return torch.lerp(base, other, params.t)
+    s_base, s_other = coefficients
+    return torch.mul(base, s_base).add_(other, alpha=s_other)  # no temporaries
+
+
+def slerp_coefficients(sums: tuple[float, float, float], t: float) -> tuple[float, float] | None:
+    """(s_a, s_b) with slerp(a, b, t) = s_a a + s_b b, from (|a|^2, |b|^2, a . b); None
+    where the vectors are (nearly) colinear or an input is not finite: there is no angle,
+    and a linear interpolation keeps the other elements finite."""
+    aa, bb, ab = sums
+    norm_a, norm_b = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
     # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
     cos = ab / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
-    # NaN or Inf in an input: no angle; lerp keeps the other elements finite
     if not math.isfinite(cos) or abs(cos) > COLINEAR_COSINE:
-        return torch.lerp(base, other, t)
+        return None
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
-    s_base = math.sin((1.0 - t) * theta) / sin_theta
-    s_other = math.sin(t * theta) / sin_theta
-    return torch.mul(base, s_base).add_(other, alpha=s_other)  # no temporaries
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
