@@ -10,6 +10,9 @@ from conftest import load_state
 import mergekit.execute as execute_module
 
 RECIPES = {
+    "karcher": lambda a, b, c: {"merge_method": "karcher", "models": [
+        {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}},
+        {"model": c, "parameters": {"weight": 0.5}}]},
     "linear": lambda a, b, c: {"merge_method": "linear", "models": [
         {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}]},
     "ties": lambda a, b, c: {"merge_method": "ties", "base_model": a, "models": [

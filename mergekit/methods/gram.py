@@ -1,10 +1,10 @@
 """Dot products of whole tensors gathered over row chunks, for the methods that need a
 tensor's norms or angles before they can merge its chunks (slerp, nuslerp, multislerp,
-model_stock)."""
+model_stock, karcher)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,4 +27,17 @@ def row_gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         for j in range(i, n):
             gram[i, j] = gram[j, i] = torch.linalg.vecdot(rows[i], rows[j]).sum(
                 dtype=torch.float64).cpu()
+    return gram
+
+
+def summed_gram(chunks: Iterable[tuple[list[torch.Tensor], torch.Tensor | None]],
+                deltas: bool) -> torch.Tensor:
+    """``row_gram`` of a whole tensor's inputs (their differences from the base when
+    ``deltas`` and a base is given) summed over its row chunks."""
+    gram = None
+    for xs, base, *_ in chunks:
+        vectors = [x - base for x in xs] if deltas and base is not None else xs
+        chunk = row_gram(vectors)
+        gram = chunk if gram is None else gram + chunk
+    assert gram is not None, "a tensor has at least one chunk"
     return gram

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
 
 if TYPE_CHECKING:
@@ -13,75 +16,93 @@ if TYPE_CHECKING:
 EPS = 1e-8
 
 
-def unit_and_norms(vectors: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, dim) -> unit vectors (zero vectors stay zero) and norms (n,)."""
-    import torch
-
-    norms = torch.linalg.vector_norm(vectors, dim=-1)
-    unit = vectors / torch.where(norms > eps, norms, 1.0).unsqueeze(-1)
-    return unit, norms
-
-
-def log_map(at: torch.Tensor, points: torch.Tensor, eps: float) -> torch.Tensor:
-    """Tangent vectors at unit ``at`` (dim,) pointing to unit ``points`` (n, dim)."""
-    import torch
-
-    cos = (points @ at).clamp(-1.0, 1.0)  # (n,)
-    theta = torch.arccos(cos)
-    ortho = points - cos.unsqueeze(-1) * at
-    sin = torch.sin(theta)
-    scale = torch.where(sin > eps, theta / torch.where(sin > eps, sin, 1.0), 1.0)
-    return ortho * scale.unsqueeze(-1)
-
-
-def exp_map(at: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
-    """The unit vector reached from ``at`` along ``tangent`` (both (dim,))."""
-    import torch
-
-    length = torch.linalg.vector_norm(tangent)
-    if float(length) <= eps:
-        return at
-    return torch.cos(length) * at + torch.sin(length) * tangent / length
-
-
-def chord_mean(unit: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalised weighted sum of unit vectors; the first vector if it vanishes."""
-    import torch
-
-    mean = (weights.unsqueeze(-1) * unit).sum(dim=0)
-    length = torch.linalg.vector_norm(mean)
-    return mean / length if float(length) > eps else unit[0]
-
-
 class KarcherParams(MethodParams):
     weight: PerModelFloat = Field(1.0, description="weight of this model in the mean")
     max_iter: int = Field(10, description="most iterations of the mean's fixed point")
     tol: float = Field(1e-5, description="stop when the tangent step is shorter than this")
+    # Set by prepare_karcher: the Gram matrix of the whole tensor's inputs, row-major, so
+    # row chunks merge as the whole tensor would.
+    gram: tuple[float, ...] | None = Field(None, description="internal",
+                                           json_schema_extra={"internal": True})
 
 
-@register("karcher", KarcherParams, base="unused", min_models=1)
+def prepare_karcher(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
+    params: KarcherParams,
+) -> KarcherParams:
+    """The Gram matrix of the inputs, summed over row chunks (see ``row_gram``)."""
+    gram = summed_gram(chunks(), deltas=False)
+    return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
+
+
+def _quad(gram: list[list[float]], a: list[float], b: list[float]) -> float:
+    """a^T G b: the dot product of sum a_i u_i and sum b_i u_i."""
+    return sum(a[i] * gram[i][j] * b[j] for i in range(len(a)) for j in range(len(b)))
+
+
+def karcher_coefficients(gram: list[list[float]], weights: list[float], max_iter: int,
+                         tol: float) -> list[float]:
+    """Coefficients c with mean = sum c_i x_i, from the inputs' Gram matrix.
+
+    Every point of the iteration (the chord mean, the tangent of the log maps, the
+    exponential step) is a combination of the unit vectors u_i = x_i / |x_i|, so it runs
+    on their Gram matrix: u_i . m = (G c)_i and |m|^2 = c^T G c."""
+    n = len(weights)
+    total = sum(weights)
+    w = [x / (total if total != 0 else 1.0) for x in weights]
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    live = [i for i in range(n) if norms[i] > EPS]
+    if not live:
+        return [0.0] * n
+    g = [[gram[i][j] / (norms[i] * norms[j]) for j in live] for i in live]  # unit vectors
+    wl = [w[i] for i in live]
+    k = len(live)
+    c = list(wl)  # the chord mean, normalised; the first direction if it vanishes
+    length = math.sqrt(max(_quad(g, c, c), 0.0))
+    c = [x / length for x in c] if length > EPS else [1.0] + [0.0] * (k - 1)
+    w_live = max(sum(wl), EPS)
+    for _ in range(max_iter):
+        cos = [max(-1.0, min(1.0, sum(g[i][j] * c[j] for j in range(k)))) for i in range(k)]
+        pull = []  # w_i theta_i / sin theta_i: the tangent is sum pull_i (u_i - cos_i m)
+        for i in range(k):
+            theta = math.acos(cos[i])
+            sin = math.sin(theta)
+            pull.append(wl[i] * (theta / sin if sin > EPS else 1.0))
+        along = sum(p * cs for p, cs in zip(pull, cos))
+        tangent = [(p - along * cj) / w_live for p, cj in zip(pull, c)]
+        step = math.sqrt(max(_quad(g, tangent, tangent), 0.0))
+        if step < tol:
+            break
+        if step > EPS:
+            c = [math.cos(step) * cj + math.sin(step) * tj / step for cj, tj in zip(c, tangent)]
+        length = max(math.sqrt(max(_quad(g, c, c), 0.0)), EPS)
+        c = [x / length for x in c]
+    scale = sum(wi * ni for wi, ni in zip(w, norms))  # the weighted mean norm
+    out = [0.0] * n
+    for cj, i in zip(c, live):
+        out[i] = scale * cj / norms[i]
+    return out
+
+
+@register("karcher", KarcherParams, base="unused", min_models=1, elementwise=True,
+          prepare=prepare_karcher)
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: KarcherParams):
     """Karcher mean (Riemannian mean on the sphere)
 
     https://en.wikipedia.org/wiki/Karcher_mean
-    """
-    import torch
 
-    shape = tensors[0].shape
-    vectors = torch.stack([x.reshape(-1) for x in tensors])  # (n_models, numel)
-    weights = torch.tensor(params.weight, dtype=vectors.dtype, device=vectors.device)
-    total = float(weights.sum())
-    weights = weights / (total if total != 0 else 1.0)
-    unit, norms = unit_and_norms(vectors, EPS)
-    live = norms > EPS
-    if not bool(live.any()):
-        return torch.zeros(shape, dtype=vectors.dtype, device=vectors.device)
-    mean = chord_mean(unit[live], weights[live], EPS)
-    for _ in range(params.max_iter):
-        tangent = (weights[live].unsqueeze(-1) * log_map(mean, unit[live], EPS)).sum(dim=0)
-        tangent = tangent / weights[live].sum().clamp_min(EPS)
-        if float(torch.linalg.vector_norm(tangent)) < params.tol:
-            break
-        mean = exp_map(mean, tangent, EPS)
-        mean = mean / torch.linalg.vector_norm(mean).clamp_min(EPS)
-    return (mean * (weights * norms).sum()).reshape(shape)
+    The directions of the whole tensors (unit vectors) are averaged on the sphere by a
+    fixed-point iteration from their normalised weighted sum; the mean direction is
+    scaled by the weighted mean of their norms. Norms and angles are those of the whole
+    tensor (from its Gram matrix), so the result is a weighted sum of the inputs.
+    """
+    if params.gram is None:
+        params = prepare_karcher(lambda: [(tensors, base)], params)
+    assert params.gram is not None
+    n = len(tensors)
+    gram = [list(params.gram[i * n:(i + 1) * n]) for i in range(n)]
+    coef = karcher_coefficients(gram, list(params.weight), params.max_iter, params.tol)
+    out = tensors[0] * coef[0]
+    for c, x in zip(coef[1:], tensors[1:]):
+        out.add_(x, alpha=c)
+    return out

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.gram import row_gram
+from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, register
 
 if TYPE_CHECKING:
@@ -35,11 +35,7 @@ def prepare_multislerp(
     params: MultiSlerpParams,
 ) -> MultiSlerpParams:
     """The Gram matrix of the vectors, summed over row chunks (see ``row_gram``)."""
-    gram = None
-    for xs, base, *_ in chunks():
-        chunk = row_gram([x - base if base is not None else x for x in xs])
-        gram = chunk if gram is None else gram + chunk
-    assert gram is not None
+    gram = summed_gram(chunks(), deltas=True)
     return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
 
 
