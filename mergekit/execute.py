@@ -102,6 +102,8 @@ def execute_job(
         yield _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
         return
     params = method.make_params(dict(job.params))
+    if isinstance(params, PositionalParams):
+        params = params.model_copy(update={"numel": math.prod(job.shape)})
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
         for rows in _row_chunks(job, method, params, sources):

@@ -10,6 +10,8 @@ from conftest import load_state
 import mergekit.execute as execute_module
 
 RECIPES = {
+    "arcee_fusion": lambda a, b, c: {"merge_method": "arcee_fusion", "base_model": a,
+                                     "models": [{"model": b}]},
     "karcher": lambda a, b, c: {"merge_method": "karcher", "models": [
         {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}},
         {"model": c, "parameters": {"weight": 0.5}}]},
@@ -82,6 +84,21 @@ def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge,
     assert any(len(c) > 1 for c in calls), "no tensor was split into chunks"
     assert _bytes(whole) == _bytes(chunked)
     assert load_state(whole).keys() == load_state(chunked).keys()
+
+
+def test_arcee_fusion_samples_positions_over_the_whole_tensor(llama_models, merge, monkeypatch):
+    """Above QUANTILE_SAMPLE entries the quantiles come from a seeded sample of positions;
+    drawn over the whole tensor and gathered from its chunks, it is the same sample."""
+    from mergekit.methods import arcee_fusion
+
+    monkeypatch.setattr(arcee_fusion, "QUANTILE_SAMPLE", 100)
+    recipe = RECIPES["arcee_fusion"](*(str(m) for m in llama_models))
+    whole = merge(recipe, random_seed=3)
+    other_seed = merge(recipe, random_seed=4)
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
+    chunked = merge(recipe, random_seed=3)
+    assert _bytes(whole) == _bytes(chunked)
+    assert _bytes(whole) != _bytes(other_seed)  # the sample decides: the test can fail
 
 
 @pytest.mark.parametrize("name, prepare_threads", [("slerp", 2), ("ties", 3), ("dare_ties", 3)])

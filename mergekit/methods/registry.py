@@ -48,12 +48,17 @@ class MethodParams(BaseModel):
 
 class PositionalParams(MethodParams):
     """Base class of the parameters of methods whose result for an element depends on its
-    position in the whole tensor: the engine gives them the position of each row chunk."""
+    position in the whole tensor: the engine gives them the position of each row chunk,
+    and the whole tensor's size."""
 
     offset: int = Field(
         0, description="set by the engine: flat index of the first element passed (row "
         "chunks), so results depend on the element, not on the chunking",
         json_schema_extra={"internal": True},
+    )
+    numel: int = Field(
+        0, description="set by the engine: elements in the whole tensor (0: the tensor "
+        "passed is whole)", json_schema_extra={"internal": True},
     )
 
 
