@@ -57,6 +57,9 @@ RECIPES = {
     "nuslerp_rows": lambda a, b, c: {"merge_method": "nuslerp", "parameters": {
         "nuslerp_flatten": False}, "models": [
         {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},
+    "ramplus_tl": lambda a, b, c: {"merge_method": "ramplus_tl", "base_model": a,
+                                   "parameters": {"epsilon": 0.05, "r": 0.5, "alpha": 0.9},
+                                   "models": [{"model": b}, {"model": c}]},
     "sce": lambda a, b, c: {"merge_method": "sce", "base_model": a,
                             "parameters": {"select_topk": 0.4},
                             "models": [{"model": b}, {"model": c}]},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -20,6 +21,10 @@ class RamParams(MethodParams):
 class RamPlusParams(RamParams):
     r: float = Field(0.1, description="strength of the boost of each model's unique entries")
     alpha: float = Field(0.2, description="cap on the overlap ratio that drives the boost")
+    # Set by prepare_ramplus: each model's boost, from counts over the whole tensor, so row
+    # chunks merge as the whole tensor would.
+    boost: tuple[float, ...] | None = Field(None, description="internal",
+                                            json_schema_extra={"internal": True})
 
 
 def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
@@ -39,22 +44,49 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: RamParam
     return base + deltas.sum(dim=0) / count.clamp_min(1)
 
 
-@register("ramplus_tl", RamPlusParams, base="required", shape_policy="base")
+def prepare_ramplus(
+    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
+    params: RamPlusParams,
+) -> RamPlusParams:
+    """Each model's boost from its shared and unique entries, counted over the whole
+    tensor's row chunks."""
+    import torch
+
+    shared_total = unique_total = None
+    for xs, base, *_ in chunks():
+        assert base is not None
+        _, active, count = _active(xs, base, params.epsilon)
+        n = len(xs)
+        shared = (active & (count > 1)).reshape(n, -1).sum(dim=1).cpu()
+        unique = (active & (count == 1)).reshape(n, -1).sum(dim=1).cpu()
+        shared_total = shared if shared_total is None else shared_total + shared
+        unique_total = unique if unique_total is None else unique_total + unique
+    assert shared_total is not None and unique_total is not None
+    flat_shared, flat_unique = shared_total.float(), unique_total.float()
+    # overlap ratio of each model: its shared entries per unique entry (0 with none unique)
+    ratio = torch.where(flat_unique > 0, flat_shared / flat_unique.clamp_min(1), 0.0)
+    boost = 1.0 + params.r * ratio.clamp(0.0, params.alpha)
+    return params.model_copy(update={"boost": tuple(boost.tolist())})
+
+
+@register("ramplus_tl", RamPlusParams, base="required", shape_policy="base", elementwise=True,
+          prepare=prepare_ramplus)
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None,
                params: RamPlusParams):
-    """RAM+ (reinforced agent merging, with unique-entry rescaling)"""
+    """RAM+ (reinforced agent merging, with unique-entry rescaling)
+
+    Each model's unique entries are scaled by 1 + r * min(shared / unique, alpha), its
+    counts of shared and unique entries over the whole tensor."""
     import torch
 
     assert base is not None
+    if params.boost is None:
+        params = prepare_ramplus(lambda: [(tensors, base)], params)
+    assert params.boost is not None
     deltas, active, count = _active(tensors, base, params.epsilon)
     shared = active & (count > 1)
     unique = active & (count == 1)
-    n = len(tensors)
-    flat_shared = shared.reshape(n, -1).sum(dim=1).to(base.dtype)
-    flat_unique = unique.reshape(n, -1).sum(dim=1).to(base.dtype)
-    # overlap ratio of each model: its shared entries per unique entry (0 with none unique)
-    ratio = torch.where(flat_unique > 0, flat_shared / flat_unique.clamp_min(1), 0.0)
-    boost = 1.0 + params.r * ratio.clamp(0.0, params.alpha)  # (n_models,)
+    boost = torch.tensor(params.boost, dtype=base.dtype, device=base.device)
     boost = boost.reshape(-1, *([1] * base.dim()))
     unique_part = (deltas * unique * boost).sum(dim=0)
     shared_part = (deltas * shared).sum(dim=0) / count.clamp_min(1)
