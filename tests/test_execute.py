@@ -54,6 +54,10 @@ RECIPES = {
         {"model": a}, {"model": b}, {"model": c}]},
     "nuslerp": lambda a, b, c: {"merge_method": "nuslerp", "base_model": a, "models": [
         {"model": b, "parameters": {"weight": 0.7}}, {"model": c, "parameters": {"weight": 0.4}}]},
+    "nuslerp_columns": lambda a, b, c: {"merge_method": "nuslerp", "base_model": a,
+                                        "parameters": {"nuslerp_flatten": False,
+                                                       "nuslerp_row_wise": True}, "models": [
+        {"model": b, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 3.0}}]},
     "nuslerp_rows": lambda a, b, c: {"merge_method": "nuslerp", "parameters": {
         "nuslerp_flatten": False}, "models": [
         {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}]},

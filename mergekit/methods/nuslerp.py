@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -27,24 +27,28 @@ class NuSlerpParams(MethodParams):
     # the whole tensor, so row chunks are interpolated with the whole tensor's angle.
     sums: tuple[float, float, float] | None = Field(
         None, description="internal", json_schema_extra={"internal": True})
+    # Set by prepare_nuslerp for columns: a (3, columns) float64 tensor of each column's
+    # (|a|^2, |b|^2, a . b) over the whole tensor.
+    column_sums: Any = Field(None, description="internal", json_schema_extra={"internal": True})
 
 
-def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Slerp between matching rows of ``a`` and ``b`` (shape (n_vectors, dim))."""
+def slerp_vector_coefficients(
+    aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, t: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (s_a, s_b) with slerp(a, b, t) = s_a a + s_b b, as float32, from float64
+    tensors of |a|^2, |b|^2 and a . b: ``slerp_coefficients`` for many vectors at once
+    (a linear interpolation where they are (nearly) colinear or not finite)."""
     import torch
 
-    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True)
-    unit_a = a / torch.where(norm_a > EPS, norm_a, 1.0)
-    unit_b = b / torch.where(norm_b > EPS, norm_b, 1.0)
-    cos = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    sin_theta = torch.sin(theta)
-    colinear = cos.abs() > COLINEAR_COSINE
-    safe_sin = torch.where(colinear, 1.0, sin_theta)
-    s_a = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / safe_sin)
-    s_b = torch.where(colinear, t, torch.sin(t * theta) / safe_sin)
-    return s_a * a + s_b * b
+    norm_a, norm_b = aa.clamp_min(0.0).sqrt(), bb.clamp_min(0.0).sqrt()
+    # a zero-norm vector stays unnormalised (cosine 0)
+    cos = ab / (torch.where(norm_a > EPS, norm_a, 1.0) * torch.where(norm_b > EPS, norm_b, 1.0))
+    linear = ~torch.isfinite(cos) | (cos.abs() > COLINEAR_COSINE)
+    theta = torch.arccos(torch.where(linear, 0.0, cos).clamp(-1.0, 1.0))
+    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
+    s_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
+    s_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return s_a.float(), s_b.float()
 
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None
@@ -57,29 +61,54 @@ def _one_vector(params: NuSlerpParams, a: torch.Tensor) -> bool:
     return params.nuslerp_flatten or a.dim() < 2
 
 
+def _column_sums(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+    """(3, columns) float64: |a|^2, |b|^2 and a . b of each column W[:, j] of a row chunk,
+    added to ``carry`` (the rows before it). The products are exact in float64 and are
+    added one row after another, so the sums do not depend on how the rows are chunked
+    (a sum over the chunk's rows first would round differently for each chunking)."""
+    import torch
+
+    rows = a.shape[0]
+    a64, b64 = a.reshape(rows, -1).double(), b.reshape(rows, -1).double()
+    prods = torch.stack([a64 * a64, b64 * b64, a64 * b64], dim=1)  # (rows, 3, columns)
+    total = carry.clone() if carry is not None else torch.zeros_like(prods[0])
+    for row in prods.unbind(0):  # 6x faster than a cumsum down the rows
+        total.add_(row)
+    return total
+
+
 def prepare_nuslerp(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
     params: NuSlerpParams,
 ) -> NuSlerpParams:
     """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) summed over row chunks
-    (see ``row_gram``). Rows are interpolated on their own and need nothing."""
+    (see ``row_gram``); for columns, the same per column (see ``_column_sums``). Rows are
+    interpolated on their own and need nothing."""
     import torch
 
     total = torch.zeros(3, dtype=torch.float64)
+    columns = None
     for xs, base, *_ in chunks():
         a, b = _task_vectors(xs, base)
-        if not _one_vector(params, a):
+        if _one_vector(params, a):
+            gram = row_gram([a, b])
+            total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
+        elif params.nuslerp_row_wise:
+            columns = _column_sums(a, b, columns)
+        else:
             return params
-        gram = row_gram([a, b])
-        total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
+    if columns is not None:
+        return params.model_copy(update={"column_sums": columns})
     return params.model_copy(update={"sums": tuple(total.tolist())})
 
 
 @register("nuslerp", NuSlerpParams, base="optional", min_models=2, max_models=2,
-          elementwise=lambda p: p.nuslerp_flatten or not p.nuslerp_row_wise,
-          prepare=prepare_nuslerp)
+          elementwise=True, prepare=prepare_nuslerp)
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSlerpParams):
-    """NuSLERP (slerp by weights, of task vectors when a base is given)"""
+    """NuSLERP (slerp by weights, of task vectors when a base is given)
+
+    Interpolates the whole tensor as one vector, or each row, or each column; norms and
+    angles of columns are summed over the whole tensor's rows."""
     import torch
 
     w1, w2 = params.weight
@@ -93,11 +122,16 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
         assert params.sums is not None
         s_a, s_b = slerp_coefficients(params.sums, t) or (1.0 - t, t)
         out = torch.mul(a, s_a).add_(b, alpha=s_b)
-    elif not params.nuslerp_row_wise:  # rows W[i, :]
-        out = slerp_rows(a.reshape(shape[0], -1), b.reshape(shape[0], -1), t).reshape(shape)
-    else:  # columns W[:, j]: vectors along the first dimension
-        cols_a = torch.movedim(a, 0, -1).reshape(-1, shape[0])
-        cols_b = torch.movedim(b, 0, -1).reshape(-1, shape[0])
-        moved = torch.movedim(a, 0, -1).shape
-        out = torch.movedim(slerp_rows(cols_a, cols_b, t).reshape(moved), -1, 0)
+    else:
+        a2, b2 = a.reshape(shape[0], -1), b.reshape(shape[0], -1)
+        if not params.nuslerp_row_wise:  # rows W[i, :]: row-local
+            # per-row float32 dot products, as row_gram's
+            sums = torch.stack([torch.linalg.vecdot(x, y).double()
+                                for x, y in ((a2, a2), (b2, b2), (a2, b2))])
+            ca, cb = (c.unsqueeze(-1) for c in slerp_vector_coefficients(*sums, t))
+        else:  # columns W[:, j]: vectors along the first dimension
+            if params.column_sums is None:
+                params = prepare_nuslerp(lambda: [(tensors, base)], params)
+            ca, cb = slerp_vector_coefficients(*params.column_sums.to(a.device), t)
+        out = (a2 * ca).add_(b2 * cb).reshape(shape)
     return out + base if base is not None else out

@@ -142,3 +142,33 @@ def test_three_models_are_refused(llama_models, merge):
         merge({"merge_method": "nuslerp",
                "models": [{"model": str(m), "parameters": {"weight": 1.0}}
                           for m in (a, b, c)]})
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 40])
+def test_column_sums_do_not_depend_on_the_chunking(rows_per_chunk: int):
+    """Columns are interpolated with sums over the whole tensor's rows, gathered chunk by
+    chunk by the prepare pass: any chunking gives the whole tensor's bits, and those match
+    the float64 reference."""
+    from mergekit.methods.nuslerp import prepare_nuslerp
+
+    rng = np.random.default_rng(5)
+    # rows over a few octaves: float64 sums added in another order round differently
+    scale = np.exp2(rng.integers(-3, 4, size=(40, 1, 1)))
+    a, b, base = (rng.normal(size=(3, 40, 6, 5)) * scale).astype(np.float32)
+    method = get_method("nuslerp")
+    params = method.make_params({"weight": (1.0, 2.0), "nuslerp_flatten": False,
+                                 "nuslerp_row_wise": True})
+    ta, tb, tbase = (torch.as_tensor(x) for x in (a, b, base))
+    whole = method.fn([ta, tb], tbase, params)
+    spans = [(i, min(i + rows_per_chunk, 40)) for i in range(0, 40, rows_per_chunk)]
+    prepared = prepare_nuslerp(
+        lambda: [([ta[i:j], tb[i:j]], tbase[i:j]) for i, j in spans], params)
+    assert torch.equal(prepared.column_sums,
+                       prepare_nuslerp(lambda: [([ta, tb], tbase)], params).column_sums)
+    chunked = torch.cat([method.fn([ta[i:j], tb[i:j]], tbase[i:j], prepared)
+                         for i, j in spans])
+    assert torch.equal(whole, chunked)
+    expected = nuslerp_ref(a.reshape(40, 30), b.reshape(40, 30), (1.0, 2.0),
+                           base.reshape(40, 30).astype(np.float64), flatten=False,
+                           row_wise=True).reshape(a.shape)
+    np.testing.assert_allclose(whole.numpy() / scale, expected / scale, rtol=1e-5, atol=1e-5)
