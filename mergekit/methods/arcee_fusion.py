@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -19,33 +19,45 @@ class ArceeFusionParams(RandomParams):
     # merge as the whole tensor would.
     threshold: float | None = Field(None, description="internal",
                                     json_schema_extra={"internal": True})
+    # Set by prepare_arcee_fusion: each row's divergence (a tensor), computed once.
+    row_kl: Any = Field(None, description="internal", json_schema_extra={"internal": True})
 
 
-def lower_quantile(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
-    """The order statistic at floor(q * (n - 1)) of an ascending tensor (no interpolation)."""
-    return sorted_values[int(q * (sorted_values.numel() - 1))]
-
-
-def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|delta| times the KL divergence of the model's row from the base's (softmax over the
-    last dimension), flat. Row-local: a row chunk's values are the whole tensor's."""
+def lower_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The order statistic at floor(q * (n - 1)) (from 0) of ``values`` (no interpolation),
+    by selection rather than a sort."""
     import torch
 
-    rows_base = base.reshape(-1, base.shape[-1]) if base.dim() > 0 else base.reshape(1, 1)
-    rows_other = other.reshape(rows_base.shape)
-    p = torch.softmax(rows_other, dim=-1) + 1e-8
-    q = torch.softmax(rows_base, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (rows, 1)
-    return ((rows_other - rows_base).abs() * kl).reshape(-1)
+    return torch.kthvalue(values, int(q * (values.numel() - 1)) + 1).values
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The vectors softmax runs over: ``x`` as (rows, last dimension)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+
+
+def row_divergence(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(model row) || softmax(base row)) of each row (softmax over the last
+    dimension), shape (rows,). Row-local: a row chunk's values are the whole tensor's."""
+    import torch
+
+    p = torch.softmax(_rows(other), dim=-1) + 1e-8
+    q = torch.softmax(_rows(base), dim=-1) + 1e-8
+    return (p * torch.log(p / q)).sum(dim=-1)
+
+
+def importance(other: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """|delta| times its row's divergence ``kl``, flat."""
+    return ((_rows(other) - _rows(base)).abs() * kl.unsqueeze(-1)).reshape(-1)
 
 
 def prepare_arcee_fusion(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None, int]]],
     params: ArceeFusionParams,
 ) -> ArceeFusionParams:
-    """The threshold median + 1.5 IQR of the whole tensor's importances, from every entry
-    or, above QUANTILE_SAMPLE entries, from a seeded sample of positions drawn over the
-    whole tensor and gathered from the chunks that hold them."""
+    """Each row's divergence, and the threshold median + 1.5 IQR of the whole tensor's
+    importances, from every entry or, above QUANTILE_SAMPLE entries, from a seeded sample
+    of positions drawn over the whole tensor and gathered from the chunks that hold them."""
     import torch
 
     picks = None
@@ -53,17 +65,19 @@ def prepare_arcee_fusion(
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         # the sample is a multiset of positions: sorted, each chunk takes a slice of it
         picks = torch.randint(params.numel, (QUANTILE_SAMPLE,), generator=gen).sort().values
-    parts = []
+    parts, kls = [], []
     for (other,), base, offset in chunks():
         assert base is not None
-        values = importance(other, base)
+        kls.append(row_divergence(other, base))
+        values = importance(other, base, kls[-1])
         if picks is not None:
             lo, hi = torch.searchsorted(picks, torch.tensor([offset, offset + values.numel()]))
             values = values[(picks[int(lo):int(hi)] - offset).to(values.device)]
         parts.append(values)
-    ordered = torch.sort(torch.cat(parts)).values
-    q1, median, q3 = (lower_quantile(ordered, f) for f in (0.25, 0.5, 0.75))
-    return params.model_copy(update={"threshold": float(median + 1.5 * (q3 - q1))})
+    values = torch.cat(parts)
+    q1, median, q3 = (lower_quantile(values, f) for f in (0.25, 0.5, 0.75))
+    return params.model_copy(update={"threshold": float(median + 1.5 * (q3 - q1)),
+                                     "row_kl": torch.cat(kls)})
 
 
 @register("arcee_fusion", ArceeFusionParams, base="required", min_models=1, max_models=1,
@@ -79,7 +93,10 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
     if params.threshold is None:
         whole = params.model_copy(update={"numel": base.numel(), "offset": 0})
         params = prepare_arcee_fusion(lambda: [(tensors, base, 0)], whole)
-    assert params.threshold is not None
+    assert params.threshold is not None and params.row_kl is not None
     (other,) = tensors
-    keep = (importance(other, base) >= params.threshold).reshape(base.shape)
+    rows = _rows(base)
+    first = params.offset // rows.shape[-1]  # this chunk's first row
+    kl = params.row_kl[first:first + rows.shape[0]]
+    keep = (importance(other, base, kl) >= params.threshold).reshape(base.shape)
     return base + (other - base) * keep
