@@ -39,11 +39,13 @@ def kth_largest_magnitudes(
 def magnitude_ranks(
     chunks: Callable[[], Iterable[list[torch.Tensor]]],
     ranks_of: Sequence[Callable[[int], Sequence[int]]],
+    nonzero: bool = False,
 ) -> list[list[tuple[int, int]]]:
     """For each tensor streamed by ``chunks`` (re-iterable row chunks of several tensors
     together) and each k in ``ranks_of[i](numel)`` (1 <= k <= numel): the float32 bit
     pattern of its k-th largest |value| (see ``magnitude_bits``) and how many entries are
-    strictly larger.
+    strictly larger. With ``nonzero``, ``ranks_of[i]`` is given the count of its nonzero
+    entries instead of numel (counted in the same pass).
 
     Radix selection on the float32 bit patterns (monotonic for non-negative floats): one
     pass counts the high 16 bits, a second the low 16 bits inside the buckets holding the
@@ -56,21 +58,25 @@ def magnitude_ranks(
 
     n = len(ranks_of)
     high = torch.zeros((n, 1 << 15), dtype=torch.int64)
+    zeros = [0] * n
     for parts in chunks():
         for i, chunk in enumerate(parts):
-            high[i] += torch.bincount((magnitude_bits(chunk) >> 16).cpu(), minlength=1 << 15)
+            bits = magnitude_bits(chunk)
+            high[i] += torch.bincount((bits >> 16).cpu(), minlength=1 << 15)
+            if nonzero:
+                zeros[i] += int((bits == 0).sum())
     # per tensor, per rank: (bucket, entries above the bucket, rank within the bucket)
     wanted: list[list[tuple[int, int, int]]] = []
     for i in range(n):
         above = count_from_top(high[i])
         wanted.append([])
-        for k in ranks_of[i](int(high[i].sum())):
+        for k in ranks_of[i](int(high[i].sum()) - zeros[i]):
             bucket = int(torch.nonzero(above >= k).max())
             over = int(above[bucket + 1]) if bucket + 1 < len(above) else 0
             wanted[i].append((bucket, over, k - over))
     low = [{bucket: torch.zeros(1 << 16, dtype=torch.int64) for bucket, _, _ in w}
            for w in wanted]
-    for parts in chunks():
+    for parts in chunks() if any(low) else ():
         for i, chunk in enumerate(parts):
             bits = magnitude_bits(chunk)
             for bucket, hist in low[i].items():
@@ -190,19 +196,6 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 # -- merging -------------------------------------------------------------------------
-
-
-def elect_sign_mask(weighted: torch.Tensor, consensus: str) -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected sign.
-
-    ``weighted``: (n_models, ...) weighted task vectors. Zero entries never agree.
-    """
-    import torch
-
-    signs = torch.sign(weighted)
-    votes = weighted.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    return signs == elected
 
 
 def combine(

@@ -124,3 +124,9 @@ def test_row_chunks_select_what_the_whole_tensor_selects(rows_per_chunk: int):
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
     expected = sce_ref([x.numpy() for x in xs], base.numpy(), 0.3)
     np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_select_topk_of_too_few_nonzero_positions_keeps_none():
+    # variances [0, 1, 0, 0]: 1 nonzero -> topk 0.5 keeps int(0.5) = 0 positions: the base
+    out = run([[0.0, 1.0, 0.0, 2.0], [0.0, -1.0, 0.0, 2.0]], [0.5] * 4, select_topk=0.5)
+    np.testing.assert_array_equal(out, [0.5] * 4)
