@@ -4,8 +4,13 @@ model_stock, karcher)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import Field
+
+from mergekit.methods.registry import MethodParams
 
 if TYPE_CHECKING:
     import torch
@@ -41,3 +46,29 @@ def summed_gram(chunks: Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]
         gram = chunk if gram is None else gram + chunk
     assert gram is not None, "a tensor has at least one chunk"
     return gram
+
+
+class GramParams(MethodParams):
+    """Parameters of a method that merges from its vectors' Gram matrix: set by the prepare
+    pass from ``gram_prepare``, so row chunks merge as the whole tensor would."""
+
+    gram: tuple[float, ...] | None = Field(None, description="internal (row-major)",
+                                           json_schema_extra={"internal": True})
+
+    def gram_rows(self) -> list[list[float]]:
+        assert self.gram is not None
+        n = math.isqrt(len(self.gram))
+        return [list(self.gram[i * n:(i + 1) * n]) for i in range(n)]
+
+
+P = TypeVar("P", bound=GramParams)
+
+
+def gram_prepare(deltas: bool) -> Callable[[Callable[[], Iterable], P], P]:
+    """A prepare function setting ``gram`` to ``summed_gram`` of the chunks."""
+
+    def prepare(chunks: Callable[[], Iterable], params: P) -> P:
+        gram = summed_gram(chunks(), deltas)
+        return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
+
+    return prepare

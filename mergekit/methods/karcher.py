@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.gram import summed_gram
-from mergekit.methods.registry import MethodParams, PerModelFloat, register
+from mergekit.methods.gram import GramParams, gram_prepare
+from mergekit.methods.registry import PerModelFloat, register
 
 if TYPE_CHECKING:
     import torch
@@ -16,23 +15,14 @@ if TYPE_CHECKING:
 EPS = 1e-8
 
 
-class KarcherParams(MethodParams):
+class KarcherParams(GramParams):
     weight: PerModelFloat = Field(1.0, description="weight of this model in the mean")
     max_iter: int = Field(10, description="most iterations of the mean's fixed point")
     tol: float = Field(1e-5, description="stop when the tangent step is shorter than this")
-    # Set by prepare_karcher: the Gram matrix of the whole tensor's inputs, row-major, so
-    # row chunks merge as the whole tensor would.
-    gram: tuple[float, ...] | None = Field(None, description="internal",
-                                           json_schema_extra={"internal": True})
 
 
-def prepare_karcher(
-    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
-    params: KarcherParams,
-) -> KarcherParams:
-    """The Gram matrix of the inputs, summed over row chunks (see ``row_gram``)."""
-    gram = summed_gram(chunks(), deltas=False)
-    return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
+# the Gram matrix of the inputs, summed over row chunks
+prepare_karcher = gram_prepare(deltas=False)
 
 
 def _quad(gram: list[list[float]], a: list[float], b: list[float]) -> float:
@@ -99,9 +89,8 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Karc
     if params.gram is None:
         params = prepare_karcher(lambda: [(tensors, base)], params)
     assert params.gram is not None
-    n = len(tensors)
-    gram = [list(params.gram[i * n:(i + 1) * n]) for i in range(n)]
-    coef = karcher_coefficients(gram, list(params.weight), params.max_iter, params.tol)
+    coef = karcher_coefficients(params.gram_rows(), list(params.weight), params.max_iter,
+                                params.tol)
     out = tensors[0] * coef[0]
     for c, x in zip(coef[1:], tensors[1:]):
         out.add_(x, alpha=c)

@@ -1,26 +1,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.gram import summed_gram
-from mergekit.methods.registry import MethodParams, PerModelFloat, register
+from mergekit.methods.gram import GramParams, gram_prepare
+from mergekit.methods.registry import PerModelFloat, register
 
 if TYPE_CHECKING:
     import torch
 
 
-class MultiSlerpParams(MethodParams):
+class MultiSlerpParams(GramParams):
     weight: PerModelFloat = Field(1.0, description="weight of this model in the mean")
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, description="guards the divisions by norms")
-    # Set by prepare_multislerp: the Gram matrix of the whole tensor's vectors (inputs, or
-    # task vectors with a base), row-major, so row chunks merge as the whole tensor would.
-    gram: tuple[float, ...] | None = Field(None, description="internal",
-                                           json_schema_extra={"internal": True})
 
 
 def _vectors(tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
@@ -30,13 +25,8 @@ def _vectors(tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Te
     return vectors - base.reshape(-1) if base is not None else vectors
 
 
-def prepare_multislerp(
-    chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
-    params: MultiSlerpParams,
-) -> MultiSlerpParams:
-    """The Gram matrix of the vectors, summed over row chunks (see ``row_gram``)."""
-    gram = summed_gram(chunks(), deltas=True)
-    return params.model_copy(update={"gram": tuple(gram.reshape(-1).tolist())})
+# the Gram matrix of the vectors (task vectors with a base), summed over row chunks
+prepare_multislerp = gram_prepare(deltas=True)
 
 
 @register("multislerp", MultiSlerpParams, base="optional", min_models=1, elementwise=True,
@@ -58,7 +48,7 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
     eps = params.eps
     n = len(tensors)
     shape = tensors[0].shape
-    gram = [params.gram[i * n:(i + 1) * n] for i in range(n)]
+    gram = params.gram_rows()
     weights = list(params.weight)
     if params.normalize_weights:
         total = sum(weights)
