@@ -134,6 +134,21 @@ def recipes(models: list[Path], layers: int) -> dict[str, dict]:
                              "dtype": "bfloat16", "models": [
             {"model": b, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.01}},
             {"model": c, "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.01}}]},
+        "sce": {"merge_method": "sce", "base_model": a, "dtype": "bfloat16",
+                "parameters": {"select_topk": 0.5}, "models": [{"model": b}, {"model": c}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": a, "dtype": "bfloat16",
+                        "models": [{"model": b}, {"model": c}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": a, "dtype": "bfloat16",
+                       "models": [{"model": b}, {"model": c}]},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": a, "dtype": "bfloat16", "models": [
+            {"model": b, "parameters": {"weight": 0.5}},
+            {"model": c, "parameters": {"weight": 0.5}}]},
+        "karcher": {"merge_method": "karcher", "dtype": "bfloat16",
+                    "models": [{"model": b}, {"model": c}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": a, "dtype": "bfloat16",
+                         "models": [{"model": b}]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": a, "dtype": "bfloat16",
+                       "models": [{"model": b}, {"model": c}]},
         "passthrough": {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
             {"sources": [{"model": a, "layer_range": [0, layers]}]},
             {"sources": [{"model": b, "layer_range": [layers - half, layers]}]}]},

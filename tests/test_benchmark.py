@@ -104,3 +104,20 @@ def test_ulp_distance_across_zero_and_signs():
     assert int(compare.ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0]))) == 0
     one = torch.tensor([1.0], dtype=torch.bfloat16)
     assert int(compare.ulp_distance(one, torch.tensor([1.0078125], dtype=torch.bfloat16))) == 1
+
+
+def test_every_benchmark_recipe_is_a_valid_recipe(tmp_path):
+    """The recipes --methods offers (most are not run by the quick test) parse, and each
+    names a registered method."""
+    from mergekit.config import parse_config
+    from mergekit.methods.registry import all_methods
+
+    bench = _benchmarks_module("bench")
+    folders = [tmp_path / name for name in "abc"]
+    for folder in folders:
+        folder.mkdir()
+    recipes = bench.recipes(folders, 4)
+    assert len(recipes) >= 13
+    for name, recipe in recipes.items():
+        config = parse_config(recipe)
+        assert config.merge_method in all_methods(), name
