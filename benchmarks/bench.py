@@ -139,7 +139,8 @@ def recipes(models: list[Path], layers: int) -> dict[str, dict]:
         "model_stock": {"merge_method": "model_stock", "base_model": a, "dtype": "bfloat16",
                         "models": [{"model": b}, {"model": c}]},
         "multislerp": {"merge_method": "multislerp", "base_model": a, "dtype": "bfloat16",
-                       "models": [{"model": b}, {"model": c}]},
+                       "models": [{"model": b, "parameters": {"weight": 0.5}},
+                                  {"model": c, "parameters": {"weight": 0.5}}]},
         "nuslerp": {"merge_method": "nuslerp", "base_model": a, "dtype": "bfloat16", "models": [
             {"model": b, "parameters": {"weight": 0.5}},
             {"model": c, "parameters": {"weight": 0.5}}]},

@@ -60,11 +60,14 @@ def prepare_arcee_fusion(
     of positions drawn over the whole tensor and gathered from the chunks that hold them."""
     import torch
 
+    numel = params.numel
+    if numel == 0:  # not set by the engine: the chunks are all of the tensor
+        numel = sum(base.numel() for _, base, _ in chunks())
     picks = None
-    if params.numel > QUANTILE_SAMPLE:
+    if numel > QUANTILE_SAMPLE:
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         # the sample is a multiset of positions: sorted, each chunk takes a slice of it
-        picks = torch.randint(params.numel, (QUANTILE_SAMPLE,), generator=gen).sort().values
+        picks = torch.randint(numel, (QUANTILE_SAMPLE,), generator=gen).sort().values
     kl = values = None
     for (other,), base, offset in chunks():
         assert base is not None
@@ -74,8 +77,8 @@ def prepare_arcee_fusion(
             # filled chunk by chunk: buffers that outlive the loop are allocated once, as
             # small tensors kept from every chunk would be placed between the chunks'
             # large temporaries and fragment the heap (measured: +450 MB peak RSS)
-            kl = chunk_kl.new_empty(params.numel // row_len)
-            values = chunk_kl.new_empty(params.numel if picks is None else QUANTILE_SAMPLE)
+            kl = chunk_kl.new_empty(numel // row_len)
+            values = chunk_kl.new_empty(numel if picks is None else QUANTILE_SAMPLE)
         assert values is not None
         first = offset // row_len
         kl[first:first + chunk_kl.numel()] = chunk_kl
@@ -103,8 +106,7 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
     """
     assert base is not None
     if params.threshold is None:
-        whole = params.model_copy(update={"numel": base.numel(), "offset": 0})
-        params = prepare_arcee_fusion(lambda: [(tensors, base, 0)], whole)
+        params = prepare_arcee_fusion(lambda: [(tensors, base, 0)], params)
     assert params.threshold is not None and params.row_kl is not None
     (other,) = tensors
     rows = _rows(base)

@@ -57,8 +57,8 @@ class PositionalParams(MethodParams):
         json_schema_extra={"internal": True},
     )
     numel: int = Field(
-        0, description="set by the engine: elements in the whole tensor (0: the tensor "
-        "passed is whole)", json_schema_extra={"internal": True},
+        0, description="set by the engine: elements in the whole tensor (0: not known)",
+        json_schema_extra={"internal": True},
     )
 
 
