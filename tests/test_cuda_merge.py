@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # methods that choose elements by magnitude or sign may choose differently where two values
 # differ in rounding only: for them a few elements may differ by more than rounding
 SELECTING = {"ties", "ties_sparse", "dare_ties", "della_linear", "breadcrumbs_ties",
-             "breadcrumbs_rescaled", "sce"}
+             "breadcrumbs_rescaled", "sce", "arcee_fusion", "ramplus_tl"}
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 40], ids=["whole", "chunked"])
