@@ -27,13 +27,24 @@ class RamPlusParams(RamParams):
                                             json_schema_extra={"internal": True})
 
 
+def _total(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of same-shape tensors added in order: the bits of torch's sum over a stacked
+    models' dimension, without the stacked copy (and several times faster)."""
+    out = xs[0] + xs[1] if len(xs) > 1 else xs[0].clone()
+    for x in xs[2:]:
+        out += x
+    return out
+
+
 def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
+    """Per model, its task vector where it is active (|delta| > epsilon, else 0) and where
+    it is; and how many models are active at each position (float32)."""
     import torch
 
-    deltas = torch.stack([x - base for x in tensors])  # (n_models, *shape)
-    active = deltas.abs() > epsilon
-    count = active.sum(dim=0)  # models active at each position
-    return deltas * active, active, count
+    deltas = [x - base for x in tensors]
+    active = [d.abs() > epsilon for d in deltas]
+    count = _total([a.to(torch.float32) for a in active])
+    return [d * a for d, a in zip(deltas, active)], active, count
 
 
 @register("ram", RamParams, base="required", shape_policy="base", elementwise=True)
@@ -41,7 +52,7 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: RamParam
     """RAM (reinforced agent merging)"""
     assert base is not None
     deltas, _, count = _active(tensors, base, params.epsilon)
-    return base + deltas.sum(dim=0) / count.clamp_min(1)
+    return base + _total(deltas) / count.clamp_min(1)
 
 
 def prepare_ramplus(
@@ -56,9 +67,9 @@ def prepare_ramplus(
     for xs, base, *_ in chunks():
         assert base is not None
         _, active, count = _active(xs, base, params.epsilon)
-        n = len(xs)
-        shared = (active & (count > 1)).reshape(n, -1).sum(dim=1).cpu()
-        unique = (active & (count == 1)).reshape(n, -1).sum(dim=1).cpu()
+        shared_at, unique_at = count > 1, count == 1
+        shared = torch.stack([(a & shared_at).sum() for a in active]).cpu()
+        unique = torch.stack([(a & unique_at).sum() for a in active]).cpu()
         shared_total = shared if shared_total is None else shared_total + shared
         unique_total = unique if unique_total is None else unique_total + unique
     assert shared_total is not None and unique_total is not None
@@ -84,10 +95,8 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None,
         params = prepare_ramplus(lambda: [(tensors, base)], params)
     assert params.boost is not None
     deltas, active, count = _active(tensors, base, params.epsilon)
-    shared = active & (count > 1)
-    unique = active & (count == 1)
-    boost = torch.tensor(params.boost, dtype=base.dtype, device=base.device)
-    boost = boost.reshape(-1, *([1] * base.dim()))
-    unique_part = (deltas * unique * boost).sum(dim=0)
-    shared_part = (deltas * shared).sum(dim=0) / count.clamp_min(1)
-    return base + unique_part + torch.where(count > 1, shared_part, 0.0)
+    shared_at, unique_at = count > 1, count == 1
+    unique_part = _total([d * (a & unique_at) * b
+                          for d, a, b in zip(deltas, active, params.boost)])
+    shared_part = _total([d * (a & shared_at) for d, a in zip(deltas, active)])
+    return base + unique_part + torch.where(shared_at, shared_part / count.clamp_min(1), 0.0)
