@@ -8,6 +8,7 @@ from pydantic import Field
 
 from mergekit.methods.gram import row_gram
 from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.task_vectors import sum_in_order
 
 if TYPE_CHECKING:
     import torch
@@ -77,12 +78,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None,
 
     assert base is not None
     n = len(tensors)
-    # the mean of the models, added in order: the bits of torch's mean over a stacked
-    # dimension, without the stacked copy, 3x faster
-    mean = tensors[0] + tensors[1] if n > 1 else tensors[0].clone()
-    for x in tensors[2:]:
-        mean += x
-    mean /= n
+    mean = sum_in_order(tensors).div_(n)  # the bits of torch's mean, 3x faster
     if _per_row(params, base):
         stacked = torch.stack(tensors)  # (n_models, *shape)
         cos = mean_pairwise_cosine((stacked - base).reshape(n, base.shape[0], -1))  # (rows,)

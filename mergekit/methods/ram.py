@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.task_vectors import sum_in_order
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +28,6 @@ class RamPlusParams(RamParams):
                                             json_schema_extra={"internal": True})
 
 
-def _total(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of same-shape tensors added in order: the bits of torch's sum over a stacked
-    models' dimension, without the stacked copy (and several times faster)."""
-    out = xs[0] + xs[1] if len(xs) > 1 else xs[0].clone()
-    for x in xs[2:]:
-        out += x
-    return out
-
-
 def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
     """Per model, its task vector where it is active (|delta| > epsilon, else 0) and where
     it is; and how many models are active at each position (float32)."""
@@ -43,7 +35,7 @@ def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
 
     deltas = [x - base for x in tensors]
     active = [d.abs() > epsilon for d in deltas]
-    count = _total([a.to(torch.float32) for a in active])
+    count = sum_in_order([a.to(torch.float32) for a in active])
     return [d * a for d, a in zip(deltas, active)], active, count
 
 
@@ -52,7 +44,7 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: RamParam
     """RAM (reinforced agent merging)"""
     assert base is not None
     deltas, _, count = _active(tensors, base, params.epsilon)
-    return base + _total(deltas) / count.clamp_min(1)
+    return base + sum_in_order(deltas) / count.clamp_min(1)
 
 
 def prepare_ramplus(
@@ -96,7 +88,7 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None,
     assert params.boost is not None
     deltas, active, count = _active(tensors, base, params.epsilon)
     shared_at, unique_at = count > 1, count == 1
-    unique_part = _total([d * (a & unique_at) * b
+    unique_part = sum_in_order([d * (a & unique_at) * b
                           for d, a, b in zip(deltas, active, params.boost)])
-    shared_part = _total([d * (a & shared_at) for d, a in zip(deltas, active)])
+    shared_part = sum_in_order([d * (a & shared_at) for d, a in zip(deltas, active)])
     return base + unique_part + torch.where(shared_at, shared_part / count.clamp_min(1), 0.0)

@@ -198,6 +198,22 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 # -- merging -------------------------------------------------------------------------
 
 
+def sum_in_order(xs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of same-shape tensors (the models'), added in order into a new tensor: the bits
+    of torch's sum or mean over a stacked models' dimension, without the stacked copy,
+    and several times faster for a few models."""
+    it = iter(xs)
+    out = next(it)
+    second = next(it, None)
+    if second is None:
+        return out.clone()
+    out = out + second
+    for x in it:
+        out += x
+    return out
+
+
+
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
