@@ -7,6 +7,7 @@ from pydantic import Field
 
 from mergekit.methods.gram import GramParams, gram_prepare
 from mergekit.methods.registry import PerModelFloat, register
+from mergekit.methods.task_vectors import sum_in_order
 
 if TYPE_CHECKING:
     import torch
@@ -16,13 +17,6 @@ class MultiSlerpParams(GramParams):
     weight: PerModelFloat = Field(1.0, description="weight of this model in the mean")
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, description="guards the divisions by norms")
-
-
-def _vectors(tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-    import torch
-
-    vectors = torch.stack([x.reshape(-1) for x in tensors])  # (n_models, numel)
-    return vectors - base.reshape(-1) if base is not None else vectors
 
 
 # the Gram matrix of the vectors (task vectors with a base), summed over row chunks
@@ -47,7 +41,6 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
     assert params.gram is not None
     eps = params.eps
     n = len(tensors)
-    shape = tensors[0].shape
     gram = params.gram_rows()
     weights = list(params.weight)
     if params.normalize_weights:
@@ -57,9 +50,9 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
     coef = [w / (norm + eps) for w, norm in zip(weights, norms)]  # mean = sum coef_i v_i
     mean_norm = math.sqrt(max(sum(coef[i] * coef[j] * gram[i][j]
                                   for i in range(n) for j in range(n)), 0.0))
-    vectors = _vectors(tensors, base)
+    vectors = [x - base for x in tensors] if base is not None else tensors
     if mean_norm < eps:  # the directions cancel: no sphere point to start from
-        out = sum(w * v for w, v in zip(weights, vectors)).reshape(shape)
+        out = sum_in_order(w * v for w, v in zip(weights, vectors))
         return out + base if base is not None else out
     # u_i . m, and the tangent's squared length, from the Gram matrix
     along = [sum(coef[j] * gram[i][j] for j in range(n)) / ((norms[i] + eps) * mean_norm)
@@ -73,5 +66,5 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
     scale = sum(w * norm for w, norm in zip(weights, norms))
     mix = [scale * (math.cos(length) * mc + math.sin(length) / length * tc)
            for mc, tc in zip(m_coef, t_coef)]
-    out = sum(c * v for c, v in zip(mix, vectors)).reshape(shape)
+    out = sum_in_order(c * v for c, v in zip(mix, vectors))
     return out + base if base is not None else out
