@@ -3,9 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from mergekit.methods.registry import RandomParams, register
+from mergekit.methods.registry import RandomParams, prepared, register
 
 if TYPE_CHECKING:
     import torch
@@ -17,10 +15,9 @@ QUANTILE_SAMPLE = 1_000_000
 class ArceeFusionParams(RandomParams):
     # Set by prepare_arcee_fusion: the whole tensor's importance threshold, so row chunks
     # merge as the whole tensor would.
-    threshold: float | None = Field(None, description="internal",
-                                    json_schema_extra={"internal": True})
+    threshold: float | None = prepared()
     # Set by prepare_arcee_fusion: each row's divergence (a tensor), computed once.
-    row_kl: Any = Field(None, description="internal", json_schema_extra={"internal": True})
+    row_kl: Any = prepared()
 
 
 def lower_quantile(values: torch.Tensor, q: float) -> torch.Tensor:

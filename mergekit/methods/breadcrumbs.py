@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
-from mergekit.methods.registry import PerModelFloat, PositionalParams, register
+from mergekit.methods.registry import PerModelFloat, PositionalParams, prepared, register
 from mergekit.methods.task_arithmetic import (
     Consensus,
     check_density,
@@ -50,12 +50,9 @@ class BreadcrumbsParams(PositionalParams):
     # Set by prepare_breadcrumbs from passes over the whole tensor: per model, its band;
     # by (offset, model), how many entries equal to each edge (end, top) come before the
     # row chunk at that offset; per model, the L1 rescale factor (with rescale).
-    bands: tuple[Band, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
-    equal_before: dict[tuple[int, int], tuple[int, int]] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
-    l1_scale: tuple[float, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    bands: tuple[Band, ...] | None = prepared()
+    equal_before: dict[tuple[int, int], tuple[int, int]] | None = prepared()
+    l1_scale: tuple[float, ...] | None = prepared()
 
     @model_validator(mode="after")
     def _gamma(self) -> BreadcrumbsParams:

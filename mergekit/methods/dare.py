@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from mergekit.methods.registry import PerModelFloat, RandomParams, register
+from mergekit.methods.registry import PerModelFloat, RandomParams, prepared, register
 from mergekit.methods.task_arithmetic import (
     Consensus,
     RescaleMode,
@@ -47,12 +47,10 @@ class DareParams(RandomParams):
     lambda_: float = lambda_field()
     int8_mask: bool = int8_mask_field()
     # Set by prepare_random_sparse: per model, the whole tensor's L1 rescale factor.
-    l1_scale: tuple[float, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    l1_scale: tuple[float, ...] | None = prepared()
     # Set by prepare_random_sparse: the keep masks it drew, packed, by (offset, model), so
     # the merge pass does not draw them again.
-    masks: dict[tuple[int, int], Any] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    masks: dict[tuple[int, int], Any] | None = prepared()
 
     @model_validator(mode="after")
     def _densities(self) -> DareParams:

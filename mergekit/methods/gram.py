@@ -8,9 +8,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import Field
-
-from mergekit.methods.registry import MethodParams
+from mergekit.methods.registry import MethodParams, prepared
 
 if TYPE_CHECKING:
     import torch
@@ -52,8 +50,7 @@ class GramParams(MethodParams):
     """Parameters of a method that merges from its vectors' Gram matrix: set by the prepare
     pass from ``gram_prepare``, so row chunks merge as the whole tensor would."""
 
-    gram: tuple[float, ...] | None = Field(None, description="internal (row-major)",
-                                           json_schema_extra={"internal": True})
+    gram: tuple[float, ...] | None = prepared()  # row-major
 
     def gram_rows(self) -> list[list[float]]:
         assert self.gram is not None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from mergekit.methods.gram import row_gram
-from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.registry import MethodParams, prepared, register
 from mergekit.methods.task_vectors import sum_in_order
 
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ class ModelStockParams(MethodParams):
     )
     # Set by prepare_model_stock (one ratio per tensor): the interpolation ratio from the
     # whole tensor's task vectors, so row chunks merge as the whole tensor would.
-    ratio: float | None = Field(None, description="internal",
-                                json_schema_extra={"internal": True})
+    ratio: float | None = prepared()
 
 
 def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from mergekit.methods.gram import row_gram
-from mergekit.methods.registry import MethodParams, PerModelFloat, register
+from mergekit.methods.registry import MethodParams, PerModelFloat, prepared, register
 from mergekit.methods.slerp import slerp_coefficients
 
 if TYPE_CHECKING:
@@ -25,11 +25,10 @@ class NuSlerpParams(MethodParams):
     )
     # Set by prepare_nuslerp for a tensor treated as one vector: (|a|^2, |b|^2, a . b) of
     # the whole tensor, so row chunks are interpolated with the whole tensor's angle.
-    sums: tuple[float, float, float] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    sums: tuple[float, float, float] | None = prepared()
     # Set by prepare_nuslerp for columns: a (3, columns) float64 tensor of each column's
     # (|a|^2, |b|^2, a . b) over the whole tensor.
-    column_sums: Any = Field(None, description="internal", json_schema_extra={"internal": True})
+    column_sums: Any = prepared()
 
 
 def slerp_vector_coefficients(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.registry import MethodParams, prepared, register
 from mergekit.methods.task_vectors import sum_in_order
 
 if TYPE_CHECKING:
@@ -24,8 +24,7 @@ class RamPlusParams(RamParams):
     alpha: float = Field(0.2, description="cap on the overlap ratio that drives the boost")
     # Set by prepare_ramplus: each model's boost, from counts over the whole tensor, so row
     # chunks merge as the whole tensor would.
-    boost: tuple[float, ...] | None = Field(None, description="internal",
-                                            json_schema_extra={"internal": True})
+    boost: tuple[float, ...] | None = prepared()
 
 
 def _active(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):

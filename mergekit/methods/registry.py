@@ -71,6 +71,13 @@ class RandomParams(PositionalParams):
     )
 
 
+def prepared() -> Any:
+    """A params field that the method's prepare pass sets from the whole tensor (None
+    until then): not a recipe parameter, and not listed by ``mergekit-methods``."""
+    return Field(None, description="set by the prepare pass",
+                 json_schema_extra={"internal": True})
+
+
 def is_internal(info: FieldInfo) -> bool:
     extra = info.json_schema_extra
     return isinstance(extra, dict) and bool(extra.get("internal"))

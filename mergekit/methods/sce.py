@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
-from mergekit.methods.registry import PositionalParams, register
+from mergekit.methods.registry import PositionalParams, prepared, register
 from mergekit.methods.task_vectors import (
     Edge,
     magnitude_bits,
@@ -31,11 +31,9 @@ class SceParams(PositionalParams):
     # tensor would: the selection's edge (the last position kept, by variance), by offset
     # how many positions of equal variance come before each row chunk, and the models'
     # energy weights.
-    edge: Edge = Field(None, description="internal", json_schema_extra={"internal": True})
-    equal_before: dict[int, int] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
-    weights: tuple[float, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    edge: Edge = prepared()
+    equal_before: dict[int, int] | None = prepared()
+    weights: tuple[float, ...] | None = prepared()
 
     @field_validator("select_topk")
     @classmethod

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from mergekit.methods.gram import row_gram
-from mergekit.methods.registry import MethodParams, register
+from mergekit.methods.registry import MethodParams, prepared, register
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +21,7 @@ class SlerpParams(MethodParams):
     t: float = Field(description="interpolation position: 0 gives the base model, 1 the other")
     # Set by prepare_slerp: (|base|^2, |other|^2, base . other) over the whole tensor, so
     # row chunks are combined with the whole tensor's angle.
-    sums: tuple[float, float, float] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    sums: tuple[float, float, float] | None = prepared()
 
 
 def prepare_slerp(

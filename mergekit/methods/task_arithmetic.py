@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from mergekit.methods.registry import MethodParams, PerModelFloat, register
+from mergekit.methods.registry import MethodParams, PerModelFloat, prepared, register
 from mergekit.methods.task_vectors import (
     combine,
     keep_top_magnitude,
@@ -83,10 +83,8 @@ class TiesParams(MethodParams):
     # Set by prepare_ties from passes over the whole tensor, so that row chunks merge
     # exactly as the whole tensor would: per model, the smallest kept magnitude and the
     # L1 rescale factor.
-    magnitude_floor: tuple[float, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
-    l1_scale: tuple[float, ...] | None = Field(
-        None, description="internal", json_schema_extra={"internal": True})
+    magnitude_floor: tuple[float, ...] | None = prepared()
+    l1_scale: tuple[float, ...] | None = prepared()
 
     @model_validator(mode="after")
     def _densities(self) -> TiesParams:
