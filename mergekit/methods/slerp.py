@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.gram import row_gram
+from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, prepared, register
 
 if TYPE_CHECKING:
@@ -28,13 +28,11 @@ def prepare_slerp(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]],
     params: SlerpParams,
 ) -> SlerpParams:
-    import torch
-
-    total = torch.zeros(3, dtype=torch.float64)
-    for (other,), base, *_ in chunks():
-        gram = row_gram([base, other])
-        total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
-    return params.model_copy(update={"sums": tuple(total.tolist())})
+    """(|base|^2, |other|^2, base . other) of the whole tensor (see ``row_gram``)."""
+    gram = summed_gram((([base, other], None) for (other,), base, *_ in chunks()),
+                       deltas=False)
+    return params.model_copy(update={"sums": (float(gram[0, 0]), float(gram[1, 1]),
+                                              float(gram[0, 1]))})
 
 
 @register("slerp", SlerpParams, base="required", min_models=1, max_models=1, elementwise=True,
