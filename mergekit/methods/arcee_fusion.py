@@ -43,9 +43,9 @@ def row_divergence(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (p * torch.log(p / q)).sum(dim=-1)
 
 
-def importance(other: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+def importance(delta: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
     """|delta| times its row's divergence ``kl``, flat."""
-    return ((_rows(other) - _rows(base)).abs() * kl.unsqueeze(-1)).reshape(-1)
+    return (_rows(delta).abs() * kl.unsqueeze(-1)).reshape(-1)
 
 
 def prepare_arcee_fusion(
@@ -79,7 +79,7 @@ def prepare_arcee_fusion(
         assert values is not None
         first = offset // row_len
         kl[first:first + chunk_kl.numel()] = chunk_kl
-        chunk_values = importance(other, base, chunk_kl)
+        chunk_values = importance(other - base, chunk_kl)
         if picks is None:
             values[offset:offset + chunk_values.numel()] = chunk_values
         else:
@@ -109,5 +109,6 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
     rows = _rows(base)
     first = params.offset // rows.shape[-1]  # this chunk's first row
     kl = params.row_kl[first:first + rows.shape[0]]
-    keep = (importance(other, base, kl) >= params.threshold).reshape(base.shape)
-    return base + (other - base) * keep
+    delta = other - base
+    keep = (importance(delta, kl) >= params.threshold).reshape(base.shape)
+    return base + delta * keep
