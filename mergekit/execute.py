@@ -17,6 +17,7 @@ from mergekit.plan import TensorJob
 from mergekit.transfer import Transfer
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger("mergekit")
@@ -61,7 +62,14 @@ class FiniteCheck:
                             "may too (--strict-finite makes this an error)", model, name)
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor | np.ndarray) -> bool:
+    """Whether a tensor or numpy array holds no NaN or Inf."""
+    import numpy as np
+
+    if isinstance(tensor, np.ndarray):
+        with np.errstate(all="ignore"):
+            return (tensor.dtype.kind != "f" or math.isfinite(tensor.sum(dtype=np.float32))
+                    or bool(np.isfinite(tensor).all()))
     import torch
 
     # one sum is finite only when every element is (NaN and Inf propagate), and is ~20x
@@ -114,9 +122,6 @@ def execute_job(
         return
 
     row_numel = math.prod(job.shape[1:])
-    # stored dtypes that a float32 accumulator reads as float32 exactly (float64 would
-    # promote the arithmetic to float64; float8 does not promote at all)
-    widened_exactly = (torch.bfloat16, torch.float16, torch.float32)
 
     def inputs(
         rows: tuple[int, int] | None,
@@ -124,9 +129,8 @@ def execute_job(
         """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
             raw = sources[model].read(name, rows)
-            t = transfer.to_device(raw)  # in its stored dtype: fewer bytes to move
-            if not (method.stored_dtype_inputs and raw.dtype in widened_exactly):
-                t = t.to(torch.float32)
+            # moved in its stored dtype (fewer bytes), then widened
+            t = transfer.to_device(raw).to(torch.float32)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t
@@ -180,22 +184,28 @@ def _f32_bytes(job: TensorJob) -> int:
 
 
 def _row_chunks(
-    job: TensorJob, method: Method, params: object, sources: Mapping[str, ModelSource]
+    job: TensorJob, method: Method, params: object, sources: Mapping[str, ModelSource],
+    chunk_elements: int | None = None,
 ) -> list[tuple[int, int] | None]:
-    """[None] for one whole-tensor call, else row ranges covering the first dimension."""
+    """[None] for one whole-tensor call, else row ranges covering the first dimension, of
+    about ``chunk_elements`` (default ``CHUNK_ELEMENTS``) elements."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     numel = math.prod(job.shape)
     # 1-D tensors stay whole: row-wise methods (della) treat them as one row
-    if numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or not method.runs_elementwise(params):
+    if numel <= chunk_elements or len(job.shape) < 2 or not method.runs_elementwise(params):
         return [None]
     refs = ([job.base] if job.base else []) + list(job.inputs)
     if any(sources[r.model].info(r.name).shape != job.shape for r in refs):
         return [None]  # inputs to crop or pad: do it on whole tensors
-    step = max(1, CHUNK_ELEMENTS // max(1, numel // job.shape[0]))
+    step = max(1, chunk_elements // max(1, numel // job.shape[0]))
     return [(i, min(i + step, job.shape[0])) for i in range(0, job.shape[0], step)]
 
 
 def _fit(x: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor | None) -> torch.Tensor:
-    """Crop ``x`` to ``shape``; rows it lacks are taken from ``base`` (vocab mismatch)."""
+    """Crop ``x`` to ``shape``; rows it lacks are taken from ``base`` (vocab mismatch).
+    Tensors or numpy arrays."""
+    import numpy as np
+
     if tuple(x.shape) == shape:
         return x
     crop = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, shape))]
@@ -203,6 +213,6 @@ def _fit(x: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor | None) -> 
         return crop
     if base is None:
         raise RuntimeError(f"internal: cannot fit shape {tuple(x.shape)} to {shape}")
-    out = base.clone()
+    out = base.copy() if isinstance(base, np.ndarray) else base.clone()
     out[tuple(slice(0, d) for d in crop.shape)] = crop
     return out

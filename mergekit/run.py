@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
 from mergekit.execute import FiniteCheck, execute_job
+from mergekit.execute_numpy import execute_job_numpy, numpy_can_run
 from mergekit.io import artifacts, output_folder
 from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
 from mergekit.io.manifest import write_manifest
@@ -111,12 +112,13 @@ def _write_weights(
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite)
     added = 0  # tensors written by this run (for the test hook)
+    on_numpy = _numpy_runs(plan, sources, options)
     # the readahead starts first: the disk reads the first inputs while torch loads
-    with readahead, _torch_threads() as threads, tqdm(
+    with readahead, (nullcontext(0) if on_numpy else _torch_threads()) as threads, tqdm(
             total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
             disable=options.quiet, dynamic_ncols=True) as bar:
-        device = _device(options)
-        cpu_threads = threads if device.type == "cpu" else None
+        device = None if on_numpy else _device(options)
+        cpu_threads = threads if device is not None and device.type == "cpu" else None
         for number, (filename, jobs) in enumerate(zip(plan.shard_files, by_shard), 1):
             weight_map.update((j.output_name, filename) for j in jobs)
             if filename in hashes:  # finished by an earlier run
@@ -128,9 +130,13 @@ def _write_weights(
             try:
                 for job in jobs:
                     readahead.next_job()
-                    for chunk in execute_job(job, method, sources, device, check,
-                                             cpu_threads):
-                        writer.add(job.output_name, chunk)
+                    if device is None:
+                        for array in execute_job_numpy(job, method, sources, check):
+                            writer.add(job.output_name, array, job.dtype)
+                    else:
+                        for chunk in execute_job(job, method, sources, device, check,
+                                                 cpu_threads):
+                            writer.add(job.output_name, chunk)
                     bar.update(job.nbytes)
                     added += 1
                     stop_for_test(f"tensor:{added}")
@@ -143,6 +149,23 @@ def _write_weights(
     if len(plan.shard_files) > 1:
         write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
+
+
+# CPU merges of methods that take arrays run on numpy (``execute_numpy.py``) wherever the
+# dtypes allow: it skips torch's import (a second, 200 MB) and measured as fast or faster at
+# each size tried. 2 cores, times of alternating runs, numpy against torch: 3-model linear,
+# 0.53 GB of output, 1.3-1.5 s against 2.2 s; 2.2 GB, 4.8-5.3 s against 5.7-7.0 s; slerp,
+# 2.2 GB, 4.9-5.5 s against 6.0-6.6 s; peak RSS 60 MB instead of 350-450 MB. Tests set it
+# False to run torch.
+NUMPY_ENGINE = True
+
+
+def _numpy_runs(plan: MergePlan, sources: Mapping[str, ModelSource],
+                options: MergeOptions) -> bool:
+    """Whether the merge runs on numpy (``execute_numpy.py``) instead of torch."""
+    method = get_method(plan.method)
+    return (NUMPY_ENGINE and options.torch_device == "cpu" and method.arrays
+            and all(numpy_can_run(job, method, sources) for job in plan.jobs))
 
 
 def import_torch() -> ModuleType:

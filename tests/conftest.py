@@ -115,6 +115,15 @@ def merge(tmp_path: Path) -> Callable[..., Path]:
     return do
 
 
+@pytest.fixture
+def on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges run on torch, never on numpy (CPU merges of linear, slerp and passthrough do:
+    see ``run.NUMPY_ENGINE``)."""
+    import mergekit.run as run
+
+    monkeypatch.setattr(run, "NUMPY_ENGINE", False)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -77,16 +77,34 @@ def _bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
+def _takes_arrays(name: str) -> bool:
+    from mergekit.methods.registry import get_method
+
+    return get_method(RECIPES[name]("a", "b", "c")["merge_method"]).arrays
+
+
+# every recipe on torch; those of methods that take arrays on numpy too
+ENGINE_CASES = [(name, "torch") for name in sorted(RECIPES)] + [
+    (name, "numpy") for name in sorted(RECIPES) if _takes_arrays(name)]
+
+
 @pytest.mark.parametrize("cache_bytes", [256 * 1024**2, 0], ids=["cached", "reread"])
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_row_chunks_give_identical_bytes(name, cache_bytes, llama_models, merge, monkeypatch):
+@pytest.mark.parametrize("name, engine", ENGINE_CASES)
+def test_row_chunks_give_identical_bytes(name, engine, cache_bytes, llama_models, merge,
+                                         monkeypatch):
+    import mergekit.execute_numpy as numpy_module
+    import mergekit.run as run
+
+    if engine == "torch":
+        monkeypatch.setattr(run, "NUMPY_ENGINE", False)
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    module = execute_module if engine == "torch" else numpy_module
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
     monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES", cache_bytes)
     calls = []
     real = execute_module._row_chunks
-    monkeypatch.setattr(execute_module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
+    monkeypatch.setattr(module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
     chunked = merge(recipe)
     assert any(len(c) > 1 for c in calls), "no tensor was split into chunks"
     assert _bytes(whole) == _bytes(chunked)
@@ -110,7 +128,7 @@ def test_arcee_fusion_samples_positions_over_the_whole_tensor(llama_models, merg
 
 @pytest.mark.parametrize("name, prepare_threads", [("slerp", 2), ("ties", 3), ("dare_ties", 3)])
 def test_chunk_passes_leave_one_core_to_the_output_threads(name, prepare_threads, llama_models,
-                                                           merge, monkeypatch):
+                                                           merge, monkeypatch, on_torch):
     """Row-chunk passes run on one thread fewer than torch had, and so do the prepare
     passes over row chunks of methods whose prepare is light (slerp); whole tensors and
     other prepare passes use them all; the count is given back at the end."""
@@ -170,11 +188,11 @@ def stored_models(tmp_path_factory, llama_models) -> dict[str, Path]:
 
 @pytest.mark.parametrize("chunk_elements", [None, 40])
 @pytest.mark.parametrize("pair", [("bf16", "f16"), ("f64", "f8")])
-def test_stored_dtype_inputs_give_the_bits_of_float32_inputs(stored_models, merge, monkeypatch,
-                                                             chunk_elements, pair):
-    """linear gets its bfloat16 and float16 inputs unconverted (float64 and float8 are
-    converted first: they do not widen exactly); in every case the output has the bits of
-    the method run on the float32 inputs and cast to the output dtype."""
+def test_inputs_of_any_stored_dtype_merge_as_their_float32_values(stored_models, merge,
+                                                                  monkeypatch, chunk_elements,
+                                                                  pair):
+    """Inputs stored as bfloat16, float16, float64 or float8 give the output bits of the
+    method run on their float32 values and cast to the output dtype."""
     from mergekit.methods.registry import get_method
 
     if chunk_elements:

@@ -49,14 +49,14 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert default_faults > pages // 2
 
 
-# Records the thread settings at the moment the merge first imports torch (OpenMP and
-# OpenBLAS read them then).
+# Records the thread settings at the moment the merge first imports numpy or torch (OpenMP
+# and OpenBLAS read them then; a small linear merge runs on numpy alone).
 WAIT_POLICY_PROBE = r"""
 import os, sys
 seen = []
 class Spy:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
+        if name in ("numpy", "torch") and not seen:
             seen.append((os.environ.get("OMP_WAIT_POLICY"),
                          os.environ.get("OPENBLAS_NUM_THREADS")))
         return None

@@ -170,14 +170,15 @@ def fail_in_shard(monkeypatch, shard: int) -> None:
     """Make the merge fail at the first tensor of shard index ``shard`` (0-based)."""
     import mergekit.run as run
 
-    real = run.execute_job
+    def failing(real):
+        def execute(job, *args, **kwargs):
+            if job.shard == shard:
+                raise Boom("simulated crash")
+            return real(job, *args, **kwargs)
+        return execute
 
-    def failing(job, *args, **kwargs):
-        if job.shard == shard:
-            raise Boom("simulated crash")
-        return real(job, *args, **kwargs)
-
-    monkeypatch.setattr(run, "execute_job", failing)
+    for engine in ("execute_job", "execute_job_numpy"):  # torch's and numpy's
+        monkeypatch.setattr(run, engine, failing(getattr(run, engine)))
 
 
 @pytest.fixture

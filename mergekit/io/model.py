@@ -13,6 +13,7 @@ from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_hea
 from mergekit.refs import ModelReference
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 WEIGHT_LAYOUTS = (
@@ -141,6 +142,14 @@ class ModelSource:
             t = self._load_bin(filename)[name]
             return t if rows is None else t[rows[0]:rows[1]]
         return self._reader.read(self.info(name), rows)
+
+    def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``read`` as a numpy array of the stored bytes; safetensors files only (see
+        ``SafetensorsReader.read_array``)."""
+        return self._reader.read_array(self.info(name), rows)
+
+    def is_safetensors(self, name: str) -> bool:
+        return not self.weight_map[name].endswith(".bin")
 
     def prefetch(self, name: str) -> None:
         """Start reading the tensor ``name`` from disk ahead of ``read`` (safetensors only)."""

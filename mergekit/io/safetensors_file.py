@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit.errors import merge_failure
-from mergekit.io.dtypes import ST_DTYPES, itemsize, torch_dtype
+from mergekit.io.dtypes import ST_DTYPES, itemsize, numpy_dtype, torch_dtype
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -154,6 +155,25 @@ class SafetensorsReader:
         """The tensor, or only rows [start, end) of its first dimension."""
         import torch
 
+        shape, view = self._map(info, rows)
+        if view is None:
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(view, dtype=torch_dtype(info.dtype)).reshape(shape)
+
+    def read_array(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``read`` as a numpy array of the stored bytes (see ``numpy_dtype``)."""
+        import numpy as np
+
+        shape, view = self._map(info, rows)
+        dtype = numpy_dtype(info.dtype)
+        if view is None:
+            return np.empty(shape, dtype)
+        return np.frombuffer(view, dtype).reshape(shape)
+
+    def _map(self, info: TensorInfo,
+             rows: tuple[int, int] | None) -> tuple[tuple[int, ...], memoryview | None]:
+        """The shape of the tensor or of its rows, and a view of their mapped bytes (None
+        when there are none)."""
         fd = self._fd(info.file)
         shape, start, nbytes = info.shape, info.start, info.nbytes
         if rows is not None:
@@ -161,7 +181,7 @@ class SafetensorsReader:
             shape = (rows[1] - rows[0], *shape[1:])
             start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if nbytes == 0:
-            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+            return shape, None
         # a file that shrank since its header was read would fault on access (SIGBUS);
         # checked as each tensor's reading begins, not for every row chunk
         if (rows is None or rows[0] == 0) and os.fstat(fd).st_size < info.end:
@@ -170,8 +190,7 @@ class SafetensorsReader:
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(fd, start + nbytes - aligned, access=mmap.ACCESS_COPY,
                            offset=aligned)
-        view = memoryview(mapped)[start - aligned:]
-        return torch.frombuffer(view, dtype=torch_dtype(info.dtype)).reshape(shape)
+        return shape, memoryview(mapped)[start - aligned:]
 
     def close(self) -> None:
         for fd in self._fds.values():

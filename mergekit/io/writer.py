@@ -21,6 +21,7 @@ from mergekit.errors import merge_failure
 from mergekit.io.dtypes import itemsize, st_code
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -117,16 +118,23 @@ class ShardWriter:
         raise merge_failure(str(self.path), f"cannot write ({exc.strerror})",
                             "free disk space or choose another output folder") from None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor of the shard, or the next row chunk of it."""
+    def add(self, name: str, tensor: torch.Tensor | np.ndarray, code: str | None = None) -> None:
+        """Write the next tensor of the shard, or the next row chunk of it: a torch tensor,
+        or a numpy array of the stored bytes of safetensors dtype ``code``."""
         if self._error is not None:
             self._fail(self._error)
         entry = self._entries[self._next]
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
+        if code is None:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
+            code = st_code(tensor.dtype)
+        else:
+            import numpy as np
+
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         ok_shape = tuple(tensor.shape) == entry.shape or (
             self._written + data.nbytes <= entry.nbytes and tuple(tensor.shape[1:]) ==
             entry.shape[1:])
-        if name != entry.name or not ok_shape or st_code(tensor.dtype) != entry.dtype:
+        if name != entry.name or not ok_shape or code != entry.dtype:
             raise RuntimeError(
                 f"internal: expected {entry.name} {entry.shape} {entry.dtype}, got {name} "
                 f"{tuple(tensor.shape)} {tensor.dtype}")

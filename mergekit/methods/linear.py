@@ -16,24 +16,22 @@ class LinearParams(MethodParams):
 
 
 @register("linear", LinearParams, base="unused", elementwise=True, keeps_nonfinite=True,
-          stored_dtype_inputs=True)
+          arrays=True)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: LinearParams):
     """Linear (weighted average)
 
     https://arxiv.org/abs/2203.05482
     """
-    import torch
+    import numpy as np
 
-    # the weights as float32 values, as the math is done in
-    weights = torch.tensor(params.weight, dtype=torch.float32)
-    w = weights.tolist()
-    # the first input times its weight as a new float32 tensor, then accumulate in place:
-    # no temporaries, and the other inputs (in their stored dtype) are read as float32
-    first = tensors[0]
-    out = first * w[0] if first.dtype == torch.float32 else first.to(torch.float32).mul_(w[0])
-    for wi, x in zip(w[1:], tensors[1:]):
-        out.add_(x, alpha=wi)
-    total = float(weights.sum())
+    # the weights and their sum as float32 values, as the math is done in
+    weights = np.array(params.weight, dtype=np.float32)
+    # each product rounded, then added (no fused multiply-add): the same bits from torch and
+    # numpy inputs
+    out = tensors[0] * weights[0].item()
+    for wi, x in zip(weights[1:].tolist(), tensors[1:]):
+        out += x * wi
+    total = weights.sum(dtype=np.float32).item()
     if params.normalize and total not in (0.0, 1.0):  # dividing by 1 changes no bit
-        out.div_(total)
+        out /= total
     return out

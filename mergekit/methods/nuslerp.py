@@ -91,7 +91,7 @@ def prepare_nuslerp(
         a, b = _task_vectors(xs, base)
         if _one_vector(params, a):
             gram = row_gram([a, b])
-            total += torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
+            total += torch.tensor([gram[0, 0], gram[1, 1], gram[0, 1]], dtype=torch.float64)
         elif params.nuslerp_row_wise:
             columns = _column_sums(a, b, columns)
         else:

@@ -15,7 +15,8 @@ class PassthroughParams(MethodParams):
 
 
 @register("passthrough", PassthroughParams, base="unused", max_models=1, elementwise=True,
-          copies=lambda params: params.scale == (1.0,), keeps_nonfinite=True)
+          copies=lambda params: params.scale == (1.0,), keeps_nonfinite=True,
+          arrays=True)
 def passthrough(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: PassthroughParams
 ):

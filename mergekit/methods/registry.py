@@ -5,12 +5,11 @@ A method is a pure function ``fn(tensors, base, params) -> tensor``:
 model's tensor (or None), ``params`` an instance of the method's parameter model in which
 per-model fields hold one value per entry of ``tensors``. It returns a float32 tensor.
 
-A method registered with ``stored_dtype_inputs`` receives its inputs in the floating dtype
-they are stored in when that is bfloat16, float16 or float32 (float64 and float8 inputs
-still arrive as float32), and must do its arithmetic in float32 anyway: start from a
-float32 tensor and let type promotion widen the others (an in-place ``out.add_(x,
-alpha=w)`` on a float32 ``out`` reads a bfloat16 ``x`` as float32, with the same bits as
-converting it first, and saves a pass over memory per input).
+A method registered with ``arrays`` computes with operators and methods that numpy
+float32 arrays share with torch tensors (``*``, ``+=``, ``reshape``, ...), rounding every
+operation alike (no fused multiply-add: ``out += x * w``, not ``out.add_(x, alpha=w)``), so
+that numpy inputs give the bits torch inputs do: the engine runs CPU merges of such
+methods on numpy and never loads torch (``execute_numpy.py``).
 """
 
 from __future__ import annotations
@@ -124,13 +123,14 @@ class Method:
     # finite weights, no masks or clamps): the engine checks each result instead of every
     # input, and looks at the inputs only when the result is not finite.
     keeps_nonfinite: bool = False
-    # Inputs come in their stored floating dtype, not converted to float32 first (see the
-    # module's notes).
-    stored_dtype_inputs: bool = False
     # The prepare pass is light (slerp's dot products, bound by memory): over row chunks it
     # leaves one core to the output's writer, as merge passes do. Other prepare passes
     # (ties' selection, DARE's draws and sums) run on every core.
     light_prepare: bool = False
+    # The function (and prepare) take numpy float32 arrays as well as torch tensors, with
+    # the same result bits: CPU merges run it without loading torch (see
+    # ``execute_numpy.py``).
+    arrays: bool = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
@@ -204,8 +204,8 @@ def register(
     prepare: Callable[[Any, Any], Any] | None = None,
     copies: Callable[[Any], bool] | None = None,
     keeps_nonfinite: bool = False,
-    stored_dtype_inputs: bool = False,
     light_prepare: bool = False,
+    arrays: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 
@@ -214,7 +214,7 @@ def register(
             raise RuntimeError(f"merge method {name!r} registered twice")
         _METHODS[name] = Method(
             name, fn, params, base, shape_policy, min_models, max_models, random,
-            elementwise, prepare, copies, keeps_nonfinite, stored_dtype_inputs, light_prepare,
+            elementwise, prepare, copies, keeps_nonfinite, light_prepare, arrays,
         )
         return fn
 

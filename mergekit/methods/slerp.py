@@ -36,14 +36,12 @@ def prepare_slerp(
 
 
 @register("slerp", SlerpParams, base="required", min_models=1, max_models=1, elementwise=True,
-          prepare=prepare_slerp, light_prepare=True, keeps_nonfinite=True)
+          prepare=prepare_slerp, light_prepare=True, keeps_nonfinite=True, arrays=True)
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpParams):
     """SLERP (spherical linear interpolation)
 
     https://en.wikipedia.org/wiki/Slerp
     """
-    import torch
-
     assert base is not None
     (other,) = tensors
     if params.sums is None:
@@ -51,9 +49,23 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
     assert params.sums is not None
     coefficients = slerp_coefficients(params.sums, params.t)
     if coefficients is None:
-        return torch.lerp(base, other, params.t)
+        return lerp(base, other, params.t)
     s_base, s_other = coefficients
-    return torch.mul(base, s_base).add_(other, alpha=s_other)  # no temporaries
+    out = base * s_base
+    out += other * s_other
+    return out
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """a + t (b - a), from the nearer end (as ``torch.lerp``): exactly a at t = 0 and b at
+    t = 1. Every operation rounded, for tensors and arrays alike."""
+    diff = b - a
+    if t < 0.5:
+        diff *= t
+        diff += a
+        return diff
+    diff *= 1.0 - t
+    return b - diff
 
 
 def slerp_coefficients(sums: tuple[float, float, float], t: float) -> tuple[float, float] | None:

@@ -147,27 +147,45 @@ def test_nonfinite_inputs_do_not_raise(method: Method, with_base: bool, bad: flo
         assert torch.equal(~torch.isfinite(out), ~torch.isfinite(stacked).all(dim=0))
 
 
-STORED_DTYPE_CASES = [case for case in CASES if case.values[0].stored_dtype_inputs]
+ARRAY_CASES = [case for case in CASES if case.values[0].arrays]
 
 
-@pytest.mark.parametrize("method, with_base", STORED_DTYPE_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_stored_dtype_inputs_give_the_float32_result(method: Method, with_base: bool,
-                                                     dtype: torch.dtype):
-    """A method that takes its inputs in their stored dtype computes as if they had been
-    converted to float32 first: same bits, float32 result."""
-    tensors, base = random_inputs(method, with_base, (6, 10), seed=6)
-    stored = [t.to(dtype) for t in tensors]
-    stored_base = None if base is None else base.to(dtype)
-    widened = call(method, [t.to(torch.float32) for t in stored],
-                   None if base is None else stored_base.to(torch.float32))
-    out = call(method, stored, stored_base)
-    assert out.dtype == torch.float32
-    assert torch.equal(out.view(torch.int32), widened.view(torch.int32))
+def uneven_params(method: Method, n: int, t: float) -> Any:
+    """Params with values that round (0.3, 0.7, ... as weights and scales; ``t`` for t)."""
+    values: dict[str, Any] = {}
+    for spec in method.params:
+        value = t if spec.name == "t" else spec.default if not spec.required else 1.0
+        if spec.per_model:
+            value = tuple(0.3 + 0.4 * i for i in range(n))
+        values[spec.name] = value
+    return method.make_params(values)
 
 
-def test_linear_takes_stored_dtype_inputs():
-    assert STORED_DTYPE_CASES and METHODS["linear"].stored_dtype_inputs
+@pytest.mark.parametrize("method, with_base", ARRAY_CASES)
+@pytest.mark.parametrize("t", [0.3, 0.8])
+@pytest.mark.parametrize("colinear", [False, True])
+def test_array_methods_give_numpy_the_bits_of_torch(method: Method, with_base: bool,
+                                                    t: float, colinear: bool):
+    """A method registered with ``arrays`` returns a numpy float32 array with the bits of
+    its torch result, whichever path it takes (slerp's angle, or its linear fallback for
+    colinear inputs)."""
+    import numpy as np
+
+    tensors, base = random_inputs(method, with_base, (64, 33), seed=8)
+    if colinear:
+        tensors = [2.5 * tensors[0] for _ in tensors]
+        base = None if base is None else tensors[0] * 0.5
+    params = uneven_params(method, len(tensors), t)
+    torch_out = method.fn(tensors, base, params)
+    numpy_out = method.fn([x.numpy().copy() for x in tensors],
+                          None if base is None else base.numpy().copy(), params)
+    assert isinstance(numpy_out, np.ndarray) and numpy_out.dtype == np.float32
+    assert np.array_equal(numpy_out.view(np.int32), torch_out.numpy().view(np.int32))
+
+
+def test_the_core_elementwise_methods_take_arrays():
+    assert {"linear", "slerp", "passthrough"} <= {m.name for m, _ in
+                                                  (c.values for c in ARRAY_CASES)}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
