@@ -30,7 +30,7 @@ CHUNK_ELEMENTS = 1 << 18
 def numpy_can_run(job: TensorJob, method: Method, sources: Mapping[str, ModelSource]) -> bool:
     """Whether ``execute_job_numpy`` can run the job (on the CPU)."""
     refs = job.inputs + ((job.base,) if job.base else ())
-    return (method.arrays and job.dtype in NUMPY_CODES
+    return (job.dtype in NUMPY_CODES and method.takes_arrays(method.make_params(dict(job.params)))
             and all(sources[r.model].is_safetensors(r.name)
                     and sources[r.model].info(r.name).dtype in NUMPY_CODES for r in refs))
 

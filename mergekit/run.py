@@ -164,7 +164,7 @@ def _numpy_runs(plan: MergePlan, sources: Mapping[str, ModelSource],
                 options: MergeOptions) -> bool:
     """Whether the merge runs on numpy (``execute_numpy.py``) instead of torch."""
     method = get_method(plan.method)
-    return (NUMPY_ENGINE and options.torch_device == "cpu" and method.arrays
+    return (NUMPY_ENGINE and options.torch_device == "cpu" and bool(method.arrays)
             and all(numpy_can_run(job, method, sources) for job in plan.jobs))
 
 

@@ -80,7 +80,11 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 def _takes_arrays(name: str) -> bool:
     from mergekit.methods.registry import get_method
 
-    return get_method(RECIPES[name]("a", "b", "c")["merge_method"]).arrays
+    recipe = RECIPES[name]("a", "b", "c")
+    method = get_method(recipe["merge_method"])
+    # the recipe's global parameters decide (model_stock takes arrays unless filter-wise)
+    params = method.params_model.model_construct(**recipe.get("parameters", {}))
+    return method.takes_arrays(params)
 
 
 # every recipe on torch; those of methods that take arrays on numpy too

@@ -1,5 +1,6 @@
-"""CPU merges of linear, slerp and passthrough run on numpy without torch: the same output
-bytes as torch gives, for every stored and output float dtype, row chunks, cropped
+"""CPU merges of the methods that take arrays (linear, slerp, passthrough, task_arithmetic,
+karcher, multislerp, model_stock) run on numpy without torch: the same output bytes as
+torch gives, for every stored and output float dtype, row chunks, cropped or padded
 vocabularies, NaN and Inf; torch runs other methods, other dtypes and pickled inputs."""
 
 from __future__ import annotations
@@ -66,6 +67,28 @@ RECIPES = {
     "slerp-colinear-near": lambda m: _slerp(m["bf16"], m["twice"], 0.3),
     "slerp-colinear-far": lambda m: _slerp(m["bf16"], m["twice"], 0.7),
     "slerp-nonfinite": lambda m: _slerp(m["nonfinite"], m["bf16"], 0.4),
+    "karcher": lambda m: {"merge_method": "karcher", "models": [
+        {"model": str(m["bf16"]), "parameters": {"weight": 1.0}},
+        {"model": str(m["f16"]), "parameters": {"weight": 2.0}},
+        {"model": str(m["f32"]), "parameters": {"weight": 0.5}}]},
+    "multislerp": lambda m: {"merge_method": "multislerp", "base_model": str(m["bf16"]),
+                             "models": [{"model": str(m["f16"]), "parameters": {"weight": 0.7}},
+                                        {"model": str(m["f32"]), "parameters": {"weight": 0.4}}]},
+    "multislerp-no-base": lambda m: {"merge_method": "multislerp", "dtype": "float16",
+                                     "models": [{"model": str(m[k])}
+                                                for k in ("bf16", "f16", "f32")]},
+    "task_arithmetic": lambda m: {
+        "merge_method": "task_arithmetic", "base_model": str(m["bf16"]),
+        "parameters": {"normalize": True, "lambda": 0.8}, "models": [
+            {"model": str(m["f16"]), "parameters": {"weight": 0.3}},
+            {"model": str(m["f32"]), "parameters": {"weight": 0.45}}]},
+    "task_arithmetic-vocab": lambda m: {
+        "merge_method": "task_arithmetic", "base_model": str(m["vocab80"]), "models": [
+            {"model": str(m["f32"]), "parameters": {"weight": 0.6}},
+            {"model": str(m["nonfinite"]), "parameters": {"weight": 0.2}}]},
+    "model_stock": lambda m: {"merge_method": "model_stock", "base_model": str(m["bf16"]),
+                              "models": [{"model": str(m["f16"])}, {"model": str(m["f32"])},
+                                         {"model": str(m["nonfinite"])}]},
     "passthrough": lambda m: {"merge_method": "passthrough", "dtype": "float16", "slices": [
         {"sources": [{"model": str(m["bf16"]), "layer_range": [0, 2]}],
          "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
@@ -138,6 +161,7 @@ def test_the_numpy_linear_result_is_the_float32_weighted_mean(models, merge):
 
 @pytest.mark.parametrize("case, engine", [
     ("linear", "numpy"), ("float64-input", "torch"), ("ties", "torch"), ("bin-input", "torch"),
+    ("model_stock-filter-wise", "torch"),
 ])
 def test_engine_choice(case, engine, models, merge, monkeypatch, tmp_path):
     recipe = RECIPES["linear-bf16"](models)
@@ -147,6 +171,10 @@ def test_engine_choice(case, engine, models, merge, monkeypatch, tmp_path):
     elif case == "ties":
         recipe = {"merge_method": "ties", "base_model": str(models["bf16"]), "models": [
             {"model": str(models["f16"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    elif case == "model_stock-filter-wise":  # its per-row ratios are torch's
+        recipe = {"merge_method": "model_stock", "base_model": str(models["bf16"]),
+                  "parameters": {"filter_wise": True},
+                  "models": [{"model": str(models["f16"])}, {"model": str(models["f32"])}]}
     elif case == "bin-input":  # pickled checkpoints are read by torch
         folder = build_llama(tmp_path / "bin", 7, dtype=torch.bfloat16, safe=False)
         recipe = _linear((folder, 0.5), (models["bf16"], 0.5))

@@ -75,7 +75,7 @@ def karcher_coefficients(gram: list[list[float]], weights: list[float], max_iter
 
 
 @register("karcher", KarcherParams, base="unused", min_models=1, elementwise=True,
-          prepare=prepare_karcher)
+          prepare=prepare_karcher, arrays=True)
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: KarcherParams):
     """Karcher mean (Riemannian mean on the sphere)
 
@@ -93,5 +93,5 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Karc
                                 params.tol)
     out = tensors[0] * coef[0]
     for c, x in zip(coef[1:], tensors[1:]):
-        out.add_(x, alpha=c)
+        out += x * c  # no fused multiply-add: numpy arrays get the same bits
     return out

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit.methods.gram import row_gram
+from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, prepared, register
 from mergekit.methods.task_vectors import sum_in_order
 
@@ -40,7 +40,7 @@ def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def _per_row(params: ModelStockParams, base: torch.Tensor) -> bool:
-    return params.filter_wise and base.dim() >= 2
+    return params.filter_wise and base.ndim >= 2
 
 
 def prepare_model_stock(
@@ -48,14 +48,11 @@ def prepare_model_stock(
     params: ModelStockParams,
 ) -> ModelStockParams:
     """The ratio of a whole tensor (unless filter-wise) from the Gram matrix of its task
-    vectors, summed over row chunks (see ``row_gram``)."""
-    gram = None
-    for xs, base, *_ in chunks():
-        if _per_row(params, base):  # row-local: nothing to gather
-            return params
-        chunk = row_gram([x - base for x in xs])
-        gram = chunk if gram is None else gram + chunk
-    assert gram is not None
+    vectors (see ``summed_gram``)."""
+    _, base, *_ = next(iter(chunks()))
+    if _per_row(params, base):  # row-local: nothing to gather
+        return params
+    gram = summed_gram(chunks(), deltas=True)
     n = gram.shape[0]
     norms = [max(math.sqrt(float(gram[i, i])), EPS) for i in range(n)]
     pairs = [float(gram[i, j]) / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]
@@ -66,19 +63,20 @@ def prepare_model_stock(
 
 
 @register("model_stock", ModelStockParams, base="required", min_models=2, elementwise=True,
-          prepare=prepare_model_stock)
+          prepare=prepare_model_stock, arrays=lambda params: not params.filter_wise)
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None,
                 params: ModelStockParams):
     """Model Stock
 
     https://arxiv.org/abs/2403.19522
     """
-    import torch
-
     assert base is not None
     n = len(tensors)
-    mean = sum_in_order(tensors).div_(n)  # the bits of torch's mean, 3x faster
+    mean = sum_in_order(tensors)
+    mean /= n  # the bits of torch's mean, 3x faster
     if _per_row(params, base):
+        import torch
+
         stacked = torch.stack(tensors)  # (n_models, *shape)
         cos = mean_pairwise_cosine((stacked - base).reshape(n, base.shape[0], -1))  # (rows,)
         denom = 1 + (n - 1) * cos
@@ -88,4 +86,6 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None,
     if params.ratio is None:
         params = prepare_model_stock(lambda: [(tensors, base)], params)
     t = params.ratio
-    return mean.mul_(t).add_(base * (1 - t))
+    mean *= t
+    mean += base * (1 - t)
+    return mean

@@ -24,7 +24,7 @@ prepare_multislerp = gram_prepare(deltas=True)
 
 
 @register("multislerp", MultiSlerpParams, base="optional", min_models=1, elementwise=True,
-          prepare=prepare_multislerp)
+          prepare=prepare_multislerp, arrays=True)
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None,
                params: MultiSlerpParams):
     """Multi-SLERP (weighted spherical mean of several models)

@@ -127,13 +127,16 @@ class Method:
     # leaves one core to the output's writer, as merge passes do. Other prepare passes
     # (ties' selection, DARE's draws and sums) run on every core.
     light_prepare: bool = False
-    # The function (and prepare) take numpy float32 arrays as well as torch tensors, with
-    # the same result bits: CPU merges run it without loading torch (see
-    # ``execute_numpy.py``).
-    arrays: bool = False
+    # True, or a test on the params: the function (and prepare) take numpy float32 arrays
+    # as well as torch tensors, with the same result bits, so CPU merges run it without
+    # loading torch (see ``execute_numpy.py``).
+    arrays: bool | Callable[[Any], bool] = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def takes_arrays(self, params: MethodParams) -> bool:
+        return self.arrays(params) if callable(self.arrays) else self.arrays
 
     def copies_input(self, params: MethodParams) -> bool:
         return self.copies is not None and self.copies(params)
@@ -205,7 +208,7 @@ def register(
     copies: Callable[[Any], bool] | None = None,
     keeps_nonfinite: bool = False,
     light_prepare: bool = False,
-    arrays: bool = False,
+    arrays: bool | Callable[[Any], bool] = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name`` (its YAML name)."""
 

@@ -16,6 +16,7 @@ from mergekit.methods.task_vectors import (
     keep_top_magnitude,
     kth_largest_magnitudes,
     rescale_l1,
+    sum_in_order,
 )
 
 if TYPE_CHECKING:
@@ -96,16 +97,32 @@ class TiesParams(MethodParams):
 
 
 @register("task_arithmetic", TaskArithmeticParams, base="required", shape_policy="base",
-          elementwise=True)
+          elementwise=True, arrays=True)
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None,
                     params: TaskArithmeticParams):
     """Task Arithmetic
 
     https://arxiv.org/abs/2212.04089
     """
+    import numpy as np
+
     assert base is not None
-    return combine(base, [x - base for x in tensors], params.weight, consensus=None,
-                   normalize=params.normalize, lambda_=params.lambda_)
+    # the weights and their sum as float32 values, as the math is done in
+    weights = np.array(params.weight, dtype=np.float32)
+
+    def weighted(x: torch.Tensor, w: float) -> torch.Tensor:
+        delta = x - base
+        delta *= w
+        return delta
+
+    mixed = sum_in_order(weighted(x, w) for x, w in zip(tensors, weights.tolist()))
+    if params.normalize:
+        total = weights.sum(dtype=np.float32).item()
+        mixed /= total if total != 0 else 1.0
+    if params.lambda_ != 1.0:
+        mixed *= params.lambda_
+    mixed += base
+    return mixed
 
 
 def prepare_ties(

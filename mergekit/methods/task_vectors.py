@@ -201,12 +201,12 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def sum_in_order(xs: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum of same-shape tensors (the models'), added in order into a new tensor: the bits
     of torch's sum or mean over a stacked models' dimension, without the stacked copy,
-    and several times faster for a few models."""
+    and several times faster for a few models. numpy arrays too."""
     it = iter(xs)
     out = next(it)
     second = next(it, None)
-    if second is None:
-        return out.clone()
+    if second is None:  # a copy: torch's clone, numpy's copy
+        return out.clone() if hasattr(out, "clone") else out.copy()
     out = out + second
     for x in it:
         out += x
