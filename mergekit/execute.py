@@ -109,6 +109,9 @@ def execute_job(
         ref = job.base or job.inputs[0]
         yield _fit(sources[ref.model].read(ref.name), job.shape, None).to(out_dtype)
         return
+    if math.prod(job.shape) == 0:  # nothing to merge (methods need not handle it)
+        yield torch.empty(job.shape, dtype=out_dtype)
+        return
     params = method.make_params(dict(job.params))
     if isinstance(params, PositionalParams):
         params = params.model_copy(update={"numel": math.prod(job.shape)})

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from mergekit.execute import FiniteCheck, _fit, _row_chunks, all_finite
-from mergekit.io.dtypes import NUMPY_CODES, from_float32, to_float32
+from mergekit.io.dtypes import NUMPY_CODES, from_float32, numpy_dtype, to_float32
 from mergekit.io.model import ModelSource
 from mergekit.methods.registry import Method
 from mergekit.plan import TensorJob, TensorRef
@@ -54,6 +54,9 @@ def execute_job_numpy(
         ref = job.base or job.inputs[0]
         raw, code = read(ref, None)
         yield _narrow(_fit(raw, job.shape, None), code, job.dtype)
+        return
+    if math.prod(job.shape) == 0:  # nothing to merge (methods need not handle it)
+        yield np.empty(job.shape, numpy_dtype(job.dtype))
         return
     params = method.make_params(dict(job.params))
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip

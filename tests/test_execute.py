@@ -265,3 +265,40 @@ def test_finite_check_remembers_one_job_at_a_time(llama_models, merge, monkeypat
     assert sums and set(sums.values()) == {1}  # once per chunk, though read twice
     per_tensor = Counter(name for _, name, _ in sums)
     assert max(remembered) == max(per_tensor.values()) < len(sums)
+
+
+@pytest.fixture(scope="module")
+def models_with_empty_tensors(tmp_path_factory, llama_models) -> list[Path]:
+    """Copies of the test models with two extra empty tensors, (0, 16) and (3, 0)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folders = []
+    for model in llama_models:
+        folder = tmp_path_factory.mktemp("empty") / model.name
+        shutil.copytree(model, folder)
+        state = load_state(folder)
+        state["model.layers.0.mlp.no_rows"] = torch.zeros(0, 16)
+        state["model.layers.0.mlp.no_columns"] = torch.zeros(3, 0)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("name, engine", ENGINE_CASES)
+def test_empty_tensors_merge_to_empty_tensors(name, engine, models_with_empty_tensors, merge,
+                                              monkeypatch):
+    """Every method, on both engines: an empty tensor comes out empty, of its shape (its
+    selection, ranks and divergences are never asked of nothing)."""
+    import mergekit.run as run
+
+    if engine == "torch":
+        monkeypatch.setattr(run, "NUMPY_ENGINE", False)
+    recipe = RECIPES[name](*(str(m) for m in models_with_empty_tensors))
+    state = load_state(merge(recipe, random_seed=3))
+    if name == "passthrough":  # its slice holds layers 0-1 of the first model
+        assert "model.layers.0.mlp.no_rows" in state
+    for tensor_name, shape in (("model.layers.0.mlp.no_rows", (0, 16)),
+                               ("model.layers.0.mlp.no_columns", (3, 0))):
+        assert tuple(state[tensor_name].shape) == shape, tensor_name

@@ -60,6 +60,8 @@ def prepare_arcee_fusion(
     numel = params.numel
     if numel == 0:  # not set by the engine: the chunks are all of the tensor
         numel = sum(base.numel() for _, base, _ in chunks())
+    if numel == 0:  # an empty tensor: the method returns it as it is
+        return params.model_copy(update={"threshold": 0.0, "row_kl": torch.empty(0)})
     picks = None
     if numel > QUANTILE_SAMPLE:
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -102,6 +104,8 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor | None,
     importance reaches median + 1.5 * IQR are taken from the model, the rest from the base.
     """
     assert base is not None
+    if base.numel() == 0:  # nothing to choose (and no rows to take a divergence of)
+        return base.clone()
     if params.threshold is None:
         params = prepare_arcee_fusion(lambda: [(tensors, base, 0)], params)
     assert params.threshold is not None and params.row_kl is not None

@@ -24,7 +24,9 @@ def row_dots(vectors: Sequence[torch.Tensor]) -> np.ndarray:
     import numpy as np
 
     shape = vectors[0].shape
-    rows = [v.reshape(shape[0] if len(shape) > 1 else 1, -1) for v in vectors]
+    n_rows = shape[0] if len(shape) > 1 else 1
+    n_cols = math.prod(shape) // n_rows if n_rows else 0  # not -1: empty tensors too
+    rows = [v.reshape(n_rows, n_cols) for v in vectors]
     on_device = not isinstance(rows[0], np.ndarray) and rows[0].device.type != "cpu"
     if not on_device:
         rows = [np.asarray(r) for r in rows]  # a torch tensor's memory, not a copy

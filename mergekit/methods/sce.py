@@ -110,7 +110,7 @@ def prepare_sce(
         energy = squares if energy is None else energy + squares
         numel += base.numel()
     assert energy is not None
-    means = [float(e) / numel for e in energy]
+    means = [float(e) / max(numel, 1) for e in energy]  # an empty tensor: all 0
     total = sum(means)
     # below SMALL the weights fall back to uniform
     weights = [1.0 / len(means)] * len(means) if total < SMALL else [m / total for m in means]

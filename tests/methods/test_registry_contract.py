@@ -54,7 +54,7 @@ CASES = [
     for name, m in METHODS.items()
     for with_base in base_choices(m)
 ]
-SHAPES = [(4, 6), (7,), (2, 3, 5)]
+SHAPES = [(4, 6), (7,), (2, 3, 5), (0, 6), (3, 0)]
 
 
 def random_inputs(method: Method, with_base: bool, shape: tuple[int, ...], seed: int = 0
