@@ -1,5 +1,5 @@
 """CPU merges of the methods that take arrays (linear, slerp, passthrough, task_arithmetic,
-karcher, multislerp, model_stock) run on numpy without torch: the same output bytes as
+karcher, multislerp, model_stock, nuslerp) run on numpy without torch: the same output bytes as
 torch gives, for every stored and output float dtype, row chunks, cropped or padded
 vocabularies, NaN and Inf; torch runs other methods, other dtypes and pickled inputs."""
 
@@ -89,6 +89,12 @@ RECIPES = {
     "model_stock": lambda m: {"merge_method": "model_stock", "base_model": str(m["bf16"]),
                               "models": [{"model": str(m["f16"])}, {"model": str(m["f32"])},
                                          {"model": str(m["nonfinite"])}]},
+    "nuslerp": lambda m: {"merge_method": "nuslerp", "base_model": str(m["bf16"]), "models": [
+        {"model": str(m["f16"]), "parameters": {"weight": 0.7}},
+        {"model": str(m["f32"]), "parameters": {"weight": 0.4}}]},
+    "nuslerp-no-base": lambda m: {"merge_method": "nuslerp", "models": [
+        {"model": str(m["f16"]), "parameters": {"weight": 1.0}},
+        {"model": str(m["nonfinite"]), "parameters": {"weight": 3.0}}]},
     "passthrough": lambda m: {"merge_method": "passthrough", "dtype": "float16", "slices": [
         {"sources": [{"model": str(m["bf16"]), "layer_range": [0, 2]}],
          "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
@@ -161,7 +167,7 @@ def test_the_numpy_linear_result_is_the_float32_weighted_mean(models, merge):
 
 @pytest.mark.parametrize("case, engine", [
     ("linear", "numpy"), ("float64-input", "torch"), ("ties", "torch"), ("bin-input", "torch"),
-    ("model_stock-filter-wise", "torch"),
+    ("model_stock-filter-wise", "torch"), ("nuslerp-rows", "torch"),
 ])
 def test_engine_choice(case, engine, models, merge, monkeypatch, tmp_path):
     recipe = RECIPES["linear-bf16"](models)
@@ -175,6 +181,10 @@ def test_engine_choice(case, engine, models, merge, monkeypatch, tmp_path):
         recipe = {"merge_method": "model_stock", "base_model": str(models["bf16"]),
                   "parameters": {"filter_wise": True},
                   "models": [{"model": str(models["f16"])}, {"model": str(models["f32"])}]}
+    elif case == "nuslerp-rows":  # rows and columns are torch's
+        recipe = {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                  "models": [{"model": str(models["f16"]), "parameters": {"weight": 1.0}},
+                             {"model": str(models["f32"]), "parameters": {"weight": 2.0}}]}
     elif case == "bin-input":  # pickled checkpoints are read by torch
         folder = build_llama(tmp_path / "bin", 7, dtype=torch.bfloat16, safe=False)
         recipe = _linear((folder, 0.5), (models["bf16"], 0.5))

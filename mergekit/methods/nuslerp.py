@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from mergekit.methods.gram import row_gram
+from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, prepared, register
 from mergekit.methods.slerp import slerp_coefficients
 
@@ -57,7 +57,7 @@ def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None
 
 
 def _one_vector(params: NuSlerpParams, a: torch.Tensor) -> bool:
-    return params.nuslerp_flatten or a.dim() < 2
+    return params.nuslerp_flatten or a.ndim < 2
 
 
 def _column_sums(a: torch.Tensor, b: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
@@ -80,36 +80,30 @@ def prepare_nuslerp(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]],
     params: NuSlerpParams,
 ) -> NuSlerpParams:
-    """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) summed over row chunks
-    (see ``row_gram``); for columns, the same per column (see ``_column_sums``). Rows are
+    """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) of the whole tensor (see
+    ``summed_gram``); for columns, the same per column (see ``_column_sums``). Rows are
     interpolated on their own and need nothing."""
-    import torch
-
-    total = torch.zeros(3, dtype=torch.float64)
+    xs, base, *_ = next(iter(chunks()))
+    if _one_vector(params, _task_vectors(xs, base)[0]):
+        gram = summed_gram(chunks(), deltas=True)  # of the task vectors, given a base
+        return params.model_copy(update={"sums": (float(gram[0, 0]), float(gram[1, 1]),
+                                                  float(gram[0, 1]))})
+    if not params.nuslerp_row_wise:
+        return params
     columns = None
     for xs, base, *_ in chunks():
-        a, b = _task_vectors(xs, base)
-        if _one_vector(params, a):
-            gram = row_gram([a, b])
-            total += torch.tensor([gram[0, 0], gram[1, 1], gram[0, 1]], dtype=torch.float64)
-        elif params.nuslerp_row_wise:
-            columns = _column_sums(a, b, columns)
-        else:
-            return params
-    if columns is not None:
-        return params.model_copy(update={"column_sums": columns})
-    return params.model_copy(update={"sums": tuple(total.tolist())})
+        columns = _column_sums(*_task_vectors(xs, base), columns)
+    return params.model_copy(update={"column_sums": columns})
 
 
 @register("nuslerp", NuSlerpParams, base="optional", min_models=2, max_models=2,
-          elementwise=True, prepare=prepare_nuslerp)
+          elementwise=True, prepare=prepare_nuslerp,
+          arrays=lambda params: params.nuslerp_flatten)
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSlerpParams):
     """NuSLERP (slerp by weights, of task vectors when a base is given)
 
     Interpolates the whole tensor as one vector, or each row, or each column; norms and
     angles of columns are summed over the whole tensor's rows."""
-    import torch
-
     w1, w2 = params.weight
     total = w1 + w2
     t = w2 / total if total != 0 else 0.5
@@ -120,11 +114,14 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
             params = prepare_nuslerp(lambda: [(tensors, base)], params)
         assert params.sums is not None
         s_a, s_b = slerp_coefficients(params.sums, t) or (1.0 - t, t)
-        out = torch.mul(a, s_a).add_(b, alpha=s_b)
+        out = a * s_a
+        out += b * s_b  # no fused multiply-add: numpy arrays get the same bits
     else:
+        import torch
+
         a2, b2 = a.reshape(shape[0], -1), b.reshape(shape[0], -1)
         if not params.nuslerp_row_wise:  # rows W[i, :]: row-local
-            # per-row float32 dot products, as row_gram's
+            # per-row float32 dot products (torch: this mode stays on torch)
             sums = torch.stack([torch.linalg.vecdot(x, y).double()
                                 for x, y in ((a2, a2), (b2, b2), (a2, b2))])
             ca, cb = (c.unsqueeze(-1) for c in slerp_vector_coefficients(*sums, t))
