@@ -1,6 +1,7 @@
 """Execute one tensor job on numpy instead of torch: CPU merges whose method takes arrays
-(``Method.arrays``: linear, slerp, passthrough) and whose inputs and output are float32,
-float16 or bfloat16 safetensors. The output has the bytes ``execute.execute_job`` gives
+(``Method.arrays``: linear, slerp, passthrough, task_arithmetic, karcher, multislerp,
+model_stock and nuslerp, some only with some parameters) and whose inputs and output are
+float32, float16 or bfloat16 safetensors. The output has the bytes ``execute.execute_job`` gives
 (tests check), and the run never loads torch, whose import costs a second and 200 MB:
 most of a small merge's time, and most of any merge's memory. torch's conversions are
 faster per element, but its fresh buffers cost more page faults; measured, numpy is as
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from mergekit.execute import FiniteCheck, _fit, _row_chunks, all_finite
 from mergekit.io.dtypes import NUMPY_CODES, from_float32, numpy_dtype, to_float32
 from mergekit.io.model import ModelSource
-from mergekit.methods.registry import Method
+from mergekit.methods.registry import Method, PositionalParams
 from mergekit.plan import TensorJob, TensorRef
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ def execute_job_numpy(
         yield np.empty(job.shape, numpy_dtype(job.dtype))
         return
     params = method.make_params(dict(job.params))
+    if isinstance(params, PositionalParams):
+        params = params.model_copy(update={"numel": math.prod(job.shape)})
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
         for rows in _row_chunks(job, method, params, sources, CHUNK_ELEMENTS):
@@ -89,12 +92,16 @@ def execute_job_numpy(
 
     chunks = _row_chunks(job, method, params, sources, CHUNK_ELEMENTS)
     # Inf and NaN inputs are merged as torch merges them, without numpy's warnings
-    with np.errstate(all="ignore"):
-        if method.prepare is not None:
+    if method.prepare is not None:
+        with np.errstate(all="ignore"):
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
-        for rows in chunks:
-            tensors, base, _ = inputs(rows)
-            result = method.fn(tensors, base, params)
+    for rows in chunks:
+        with np.errstate(all="ignore"):
+            tensors, base, offset = inputs(rows)
+            if isinstance(params, PositionalParams):  # results follow the element's position
+                result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
+            else:
+                result = method.fn(tensors, base, params)
             finite = all_finite(result)
             if check is not None and method.keeps_nonfinite and not finite:
                 for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
@@ -103,7 +110,8 @@ def execute_job_numpy(
             if result.shape != tensors[0].shape:
                 raise RuntimeError(f"internal: {job.method} returned shape {result.shape} "
                                    f"for {job.output_name}, expected {tensors[0].shape}")
-            yield from_float32(result, job.dtype, finite)
+            out = from_float32(result, job.dtype, finite)
+        yield out
 
 
 def _narrow(raw: np.ndarray, code: str, out_code: str) -> np.ndarray:
