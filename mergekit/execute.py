@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mergekit.errors import merge_failure
 from mergekit.io.dtypes import torch_dtype
 from mergekit.io.model import ModelSource
-from mergekit.methods.registry import Method, PositionalParams
+from mergekit.methods.registry import Method, MethodParams, PositionalParams
 from mergekit.plan import TensorJob
 from mergekit.transfer import Transfer
 
@@ -112,9 +112,7 @@ def execute_job(
     if math.prod(job.shape) == 0:  # nothing to merge (methods need not handle it)
         yield torch.empty(job.shape, dtype=out_dtype)
         return
-    params = method.make_params(dict(job.params))
-    if isinstance(params, PositionalParams):
-        params = params.model_copy(update={"numel": math.prod(job.shape)})
+    params = job_params(job, method)
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
         for rows in _row_chunks(job, method, params, sources):
@@ -124,12 +122,9 @@ def execute_job(
             yield _fit(t, job.shape if rows is None else tuple(t.shape), None).to(out_dtype)
         return
 
-    row_numel = math.prod(job.shape[1:])
-
     def inputs(
         rows: tuple[int, int] | None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
-        """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> torch.Tensor:
             raw = sources[model].read(name, rows)
             # moved in its stored dtype (fewer bytes), then widened
@@ -138,10 +133,7 @@ def execute_job(
                 check(model, name, rows, t)
             return t
 
-        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
-        base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
-        offset = rows[0] * row_numel if rows else 0
-        return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base, offset
+        return chunk_inputs(job, rows, load)
 
     transfer = Transfer(device)
     chunks = _row_chunks(job, method, params, sources)
@@ -156,20 +148,8 @@ def execute_job(
     _set_threads(threads, chunked=len(chunks) > 1)
     pending = None  # the previous chunk's result, on its way to host memory
     for n, rows in enumerate(chunks):
-        tensors, base, offset = loaded[n] if loaded is not None else inputs(rows)
-        if isinstance(params, PositionalParams):  # results follow the element's position
-            result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
-        else:
-            result = method.fn(tensors, base, params)
-        if check is not None and method.keeps_nonfinite and not all_finite(result):
-            # the result is not finite where an input is not: find which ones
-            for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
-                              ([base] if job.base else []) + tensors):
-                check(ref.model, ref.name, rows, t)
-        shape = tensors[0].shape
-        if result.shape != shape:
-            raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
-                               f"for {job.output_name}, expected {tuple(shape)}")
+        result, _ = merge_chunk(job, method, params, loaded[n] if loaded is not None
+                                else inputs(rows), rows, check)
         copying = transfer.to_host(result, out_dtype)
         if not transfer.asynchronous:
             yield copying.wait()
@@ -179,6 +159,51 @@ def execute_job(
         pending = copying
     if pending is not None:
         yield pending.wait()
+
+
+def job_params(job: TensorJob, method: Method) -> MethodParams:
+    """The method's params for the job; positional ones learn the tensor's size."""
+    params = method.make_params(dict(job.params))
+    if isinstance(params, PositionalParams):
+        params = params.model_copy(update={"numel": math.prod(job.shape)})
+    return params
+
+
+def chunk_inputs(
+    job: TensorJob, rows: tuple[int, int] | None, load: Callable[[str, str], Any],
+) -> tuple[list[Any], Any | None, int]:
+    """A row chunk's float32 inputs (or the whole tensor's, for ``rows`` None) fitted to
+    the job's shape, its base, and the flat index of its first element. ``load(model,
+    name)`` reads one input's rows in float32 (a tensor or a numpy array)."""
+    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
+    offset = rows[0] * math.prod(job.shape[1:]) if rows else 0
+    return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base, offset
+
+
+def merge_chunk(
+    job: TensorJob, method: Method, params: MethodParams,
+    chunk: tuple[list[Any], Any | None, int], rows: tuple[int, int] | None,
+    check: FiniteCheck | None,
+) -> tuple[Any, bool | None]:
+    """The method's float32 result on one chunk (from ``chunk_inputs``), and whether it is
+    all finite where that was checked (None where it was not). For a method that keeps
+    NaN and Inf, a result that is not finite has its inputs checked, to name them."""
+    tensors, base, offset = chunk
+    if isinstance(params, PositionalParams):  # results follow the element's position
+        params = params.model_copy(update={"offset": offset})
+    result = method.fn(tensors, base, params)
+    finite = None
+    if check is not None and method.keeps_nonfinite:
+        finite = all_finite(result)
+        if not finite:  # the result is not finite where an input is not: find which ones
+            for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
+                              ([base] if job.base else []) + tensors):
+                check(ref.model, ref.name, rows, t)
+    if tuple(result.shape) != tuple(tensors[0].shape):
+        raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
+                           f"for {job.output_name}, expected {tuple(tensors[0].shape)}")
+    return result, finite
 
 
 def _f32_bytes(job: TensorJob) -> int:

@@ -13,10 +13,18 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from mergekit.execute import FiniteCheck, _fit, _row_chunks, all_finite
+from mergekit.execute import (
+    FiniteCheck,
+    _fit,
+    _row_chunks,
+    all_finite,
+    chunk_inputs,
+    job_params,
+    merge_chunk,
+)
 from mergekit.io.dtypes import NUMPY_CODES, from_float32, numpy_dtype, to_float32
 from mergekit.io.model import ModelSource
-from mergekit.methods.registry import Method, PositionalParams
+from mergekit.methods.registry import Method
 from mergekit.plan import TensorJob, TensorRef
 
 if TYPE_CHECKING:
@@ -59,9 +67,7 @@ def execute_job_numpy(
     if math.prod(job.shape) == 0:  # nothing to merge (methods need not handle it)
         yield np.empty(job.shape, numpy_dtype(job.dtype))
         return
-    params = method.make_params(dict(job.params))
-    if isinstance(params, PositionalParams):
-        params = params.model_copy(update={"numel": math.prod(job.shape)})
+    params = job_params(job, method)
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
         for rows in _row_chunks(job, method, params, sources, CHUNK_ELEMENTS):
@@ -72,23 +78,16 @@ def execute_job_numpy(
                           job.dtype)
         return
 
-    row_numel = math.prod(job.shape[1:])
-
     def inputs(
         rows: tuple[int, int] | None,
     ) -> tuple[list[np.ndarray], np.ndarray | None, int]:
-        """The chunk's float32 inputs and base, and the flat index of its first element."""
         def load(model: str, name: str) -> np.ndarray:
-            raw = sources[model].read_array(name, rows)
-            t = to_float32(raw, sources[model].info(name).dtype)
+            t = to_float32(sources[model].read_array(name, rows), sources[model].info(name).dtype)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t
 
-        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
-        base = _fit(load(job.base.model, job.base.name), shape, None) if job.base else None
-        offset = rows[0] * row_numel if rows else 0
-        return [_fit(load(r.model, r.name), shape, base) for r in job.inputs], base, offset
+        return chunk_inputs(job, rows, load)
 
     chunks = _row_chunks(job, method, params, sources, CHUNK_ELEMENTS)
     # Inf and NaN inputs are merged as torch merges them, without numpy's warnings
@@ -97,20 +96,9 @@ def execute_job_numpy(
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
     for rows in chunks:
         with np.errstate(all="ignore"):
-            tensors, base, offset = inputs(rows)
-            if isinstance(params, PositionalParams):  # results follow the element's position
-                result = method.fn(tensors, base, params.model_copy(update={"offset": offset}))
-            else:
-                result = method.fn(tensors, base, params)
-            finite = all_finite(result)
-            if check is not None and method.keeps_nonfinite and not finite:
-                for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
-                                  ([base] if job.base else []) + tensors):
-                    check(ref.model, ref.name, rows, t)
-            if result.shape != tensors[0].shape:
-                raise RuntimeError(f"internal: {job.method} returned shape {result.shape} "
-                                   f"for {job.output_name}, expected {tensors[0].shape}")
-            out = from_float32(result, job.dtype, finite)
+            result, finite = merge_chunk(job, method, params, inputs(rows), rows, check)
+            out = from_float32(result, job.dtype, finite if finite is not None
+                               else all_finite(result))
         yield out
 
 
