@@ -280,3 +280,46 @@ def test_prefetch_hints_the_whole_tensor_in_steps(tmp_path, monkeypatch):
     covered = [(off, off + n) for off, n, _ in calls]
     assert covered[0][0] == info.start and covered[-1][1] == info.end
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # contiguous, no overlap
+
+
+# ---- numpy reads (read_array) ---------------------------------------------------------
+
+NUMPY_READ = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["preadv", "mapping"])
+@pytest.mark.parametrize("rows", [None, (1, 3), (0, 0)])
+def test_read_array_gives_the_stored_bytes(library_file, rows, mapped, monkeypatch):
+    """Read into memory of its own (preadv, or a copy from a mapping where the system
+    lacks it): the library's bytes, whole or rows, as a numpy array of the tensor's
+    shape."""
+    if mapped:
+        monkeypatch.delattr(os, "preadv")
+    path, tensors = library_file
+    infos = read_header(path)
+    reader = SafetensorsReader()
+    try:
+        for dtype in NUMPY_READ:
+            name = f"t.{DTYPE_CODES[dtype].lower()}"
+            expected = tensors[name] if rows is None else tensors[name][rows[0]:rows[1]]
+            got = reader.read_array(infos[name], rows)
+            assert got.shape == tuple(expected.shape) and got.flags.writeable
+            assert got.tobytes() == expected.contiguous().view(torch.uint8).numpy().tobytes()
+        assert reader.read_array(infos["empty"]).shape == (0, 4)
+    finally:
+        reader.close()
+
+
+def test_read_array_reports_a_file_that_ends_early(tmp_path):
+    path = tmp_path / "shrinks.safetensors"
+    save_file({"a": torch.ones(64), "b": torch.ones(8, 8)}, str(path))
+    infos = read_header(path)
+    with open(path, "r+b") as f:
+        f.truncate(infos["b"].start + 100)
+    reader = SafetensorsReader()
+    try:
+        assert reader.read_array(infos["b"], (0, 3)).sum() == 24  # 96 bytes: in the file
+        with pytest.raises(MergeError, match="shrinks.safetensors: file ended while reading"):
+            reader.read_array(infos["b"], (2, 8))
+    finally:
+        reader.close()
