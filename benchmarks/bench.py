@@ -371,8 +371,9 @@ def render(rows: list, compare: bool, size: str) -> str:
                       f"{ratio:.2f}x" if ratio is not None else "-",
                       f"{o.peak_rss_mb / t.peak_rss_mb:.2f}x" if t.ok else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "read() MB counts read calls only: a tool that maps its inputs (ours does) "
-              "reads them through page faults, which this column does not see."]
+    lines += ["", "read() MB counts read calls only: a tool that maps its inputs (ours does on "
+              "torch; on numpy it reads them) reads them through page faults, which this "
+              "column does not see."]
     if compare:
         lines.append("wall ratio: the median of each round's ratio (the two tools run one "
                      "after the other in every round); RSS ratio: of the medians.")
