@@ -145,15 +145,22 @@ def test_written_tensor_does_not_change_the_file_or_later_reads(tmp_path):
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("rows", [None, (0, 2)])
-def test_reader_reports_file_shrunk_after_header(tmp_path, rows):
-    """Checked as a tensor's reading begins (whole, or its first row chunk), even when
-    the rows asked for are still in the file."""
+def shrunk_file(tmp_path: Path) -> dict:
+    """The header of a file cut 100 bytes into its tensor "b" (8 x 8 float32 ones) after
+    the header was read."""
     path = tmp_path / "shrinks.safetensors"
     save_file({"a": torch.ones(64), "b": torch.ones(8, 8)}, str(path))
     infos = read_header(path)
     with open(path, "r+b") as f:
         f.truncate(infos["b"].start + 100)
+    return infos
+
+
+@pytest.mark.parametrize("rows", [None, (0, 2)])
+def test_reader_reports_file_shrunk_after_header(tmp_path, rows):
+    """Checked as a tensor's reading begins (whole, or its first row chunk), even when
+    the rows asked for are still in the file."""
+    infos = shrunk_file(tmp_path)
     reader = SafetensorsReader()
     try:
         with pytest.raises(MergeError, match="shrinks.safetensors"):
@@ -311,11 +318,7 @@ def test_read_array_gives_the_stored_bytes(library_file, rows, mapped, monkeypat
 
 
 def test_read_array_reports_a_file_that_ends_early(tmp_path):
-    path = tmp_path / "shrinks.safetensors"
-    save_file({"a": torch.ones(64), "b": torch.ones(8, 8)}, str(path))
-    infos = read_header(path)
-    with open(path, "r+b") as f:
-        f.truncate(infos["b"].start + 100)
+    infos = shrunk_file(tmp_path)
     reader = SafetensorsReader()
     try:
         assert reader.read_array(infos["b"], (0, 3)).sum() == 24  # 96 bytes: in the file
