@@ -133,8 +133,9 @@ def prepare_random_sparse(
             if density < 1.0:
                 delta = xs[i] - base
                 mask, _ = masker(delta, density, i)
-                totals[i, 0] += delta.abs().sum(dtype=torch.float64).cpu()
-                totals[i, 1] += (delta * mask).abs().sum(dtype=torch.float64).cpu()
+                magnitude = delta.abs()  # |delta * mask| = |delta| * mask: the same sums
+                totals[i, 0] += magnitude.sum(dtype=torch.float64).cpu()
+                totals[i, 1] += magnitude.mul_(mask).sum(dtype=torch.float64).cpu()
                 masks[(offset, i)] = pack_mask(mask)
     scales = tuple(float(a / b) if b > 0 else 1.0 for a, b in totals.tolist())
     return params.model_copy(update={"l1_scale": scales, "masks": masks})
