@@ -40,9 +40,20 @@ def row_dots(vectors: Sequence[torch.Tensor]) -> np.ndarray:
                 dots[i, j] = torch.linalg.vecdot(rows[i], rows[j]).cpu().numpy()
             else:
                 with np.errstate(all="ignore"):  # Inf - Inf is NaN, as in torch
-                    dots[i, j] = np.vecdot(rows[i], rows[j])
+                    dots[i, j] = _vecdot(rows[i], rows[j])
             dots[j, i] = dots[i, j]
     return dots
+
+
+def _vecdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row float32 dot products: numpy's vecdot (numpy 2, as pyproject requires), or
+    einsum where an older numpy is what a machine has (benchmarks/gpu_check.sh runs on
+    the image's own packages)."""
+    import numpy as np
+
+    if hasattr(np, "vecdot"):
+        return np.vecdot(a, b)
+    return np.einsum("ij,ij->i", a, b)
 
 
 def row_gram(vectors: Sequence[torch.Tensor]) -> np.ndarray:
