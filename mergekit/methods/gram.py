@@ -46,9 +46,8 @@ def row_dots(vectors: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def _vecdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row float32 dot products: numpy's vecdot (numpy 2, as pyproject requires), or
-    einsum where an older numpy is what a machine has (benchmarks/gpu_check.sh runs on
-    the image's own packages)."""
+    """Per-row float32 dot products: numpy's vecdot (numpy 2), or einsum on numpy 1.x
+    (rounding differently: outputs can differ in the last bit between the two)."""
     import numpy as np
 
     if hasattr(np, "vecdot"):
