@@ -25,7 +25,7 @@ from mergekit.execute import (
 from mergekit.io.dtypes import NUMPY_CODES, from_float32, numpy_dtype, to_float32
 from mergekit.io.model import ModelSource
 from mergekit.methods.registry import Method
-from mergekit.plan import TensorJob, TensorRef
+from mergekit.plan import TensorJob
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +39,7 @@ CHUNK_ELEMENTS = 1 << 18
 def numpy_can_run(job: TensorJob, method: Method, sources: Mapping[str, ModelSource]) -> bool:
     """Whether ``execute_job_numpy`` can run the job (on the CPU)."""
     refs = job.inputs + ((job.base,) if job.base else ())
-    return (job.dtype in NUMPY_CODES and method.takes_arrays(method.make_params(dict(job.params)))
+    return (job.dtype in NUMPY_CODES and method.takes_arrays(job_params(job, method))
             and all(sources[r.model].is_safetensors(r.name)
                     and sources[r.model].info(r.name).dtype in NUMPY_CODES for r in refs))
 
@@ -55,13 +55,13 @@ def execute_job_numpy(
     if check is not None:
         check.next_job()
 
-    def read(ref: TensorRef, rows: tuple[int, int] | None) -> tuple[np.ndarray, str]:
-        return sources[ref.model].read_array(ref.name, rows), sources[ref.model].info(
-            ref.name).dtype
+    def read(model: str, name: str, rows: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+        """The stored bytes, and their dtype code."""
+        return sources[model].read_array(name, rows), sources[model].info(name).dtype
 
     if not job.compute:
         ref = job.base or job.inputs[0]
-        raw, code = read(ref, None)
+        raw, code = read(ref.model, ref.name, None)
         yield _narrow(_fit(raw, job.shape, None), code, job.dtype)
         return
     if math.prod(job.shape) == 0:  # nothing to merge (methods need not handle it)
@@ -71,7 +71,7 @@ def execute_job_numpy(
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
         for rows in _row_chunks(job, method, params, sources, CHUNK_ELEMENTS):
-            raw, code = read(ref, rows)
+            raw, code = read(ref.model, ref.name, rows)
             if check is not None:
                 check(ref.model, ref.name, rows, to_float32(raw, code))
             yield _narrow(_fit(raw, job.shape if rows is None else raw.shape, None), code,
@@ -82,7 +82,7 @@ def execute_job_numpy(
         rows: tuple[int, int] | None,
     ) -> tuple[list[np.ndarray], np.ndarray | None, int]:
         def load(model: str, name: str) -> np.ndarray:
-            t = to_float32(sources[model].read_array(name, rows), sources[model].info(name).dtype)
+            t = to_float32(*read(model, name, rows))
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
             return t

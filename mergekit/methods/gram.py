@@ -55,12 +55,6 @@ def _vecdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
-def row_gram(vectors: Sequence[torch.Tensor]) -> np.ndarray:
-    """The (n, n) float64 Gram matrix of ``vectors``: ``row_dots`` summed over rows."""
-    with _quiet():
-        return row_dots(vectors).sum(axis=2)
-
-
 def summed_gram(chunks: Iterable[tuple[list[torch.Tensor], torch.Tensor | None]],
                 deltas: bool) -> np.ndarray:
     """The Gram matrix of a whole tensor's inputs (their differences from the base when
@@ -83,14 +77,8 @@ def summed_gram(chunks: Iterable[tuple[list[torch.Tensor], torch.Tensor | None]]
         dots[:, :, used:used + rows] = chunk
         used += rows
     assert dots is not None, "a tensor has at least one chunk"
-    with _quiet():
+    with np.errstate(all="ignore"):  # sums holding Inf or NaN give them, as in torch
         return dots[:, :, :used].sum(axis=2)
-
-
-def _quiet() -> object:
-    import numpy as np
-
-    return np.errstate(all="ignore")  # sums holding Inf or NaN give them, as in torch
 
 
 class GramParams(MethodParams):

@@ -83,8 +83,8 @@ def prepare_nuslerp(
     """For a tensor treated as one vector: (|a|^2, |b|^2, a . b) of the whole tensor (see
     ``summed_gram``); for columns, the same per column (see ``_column_sums``). Rows are
     interpolated on their own and need nothing."""
-    xs, base, *_ = next(iter(chunks()))
-    if _one_vector(params, _task_vectors(xs, base)[0]):
+    xs, *_ = next(iter(chunks()))
+    if _one_vector(params, xs[0]):  # the task vectors have the inputs' shape
         gram = summed_gram(chunks(), deltas=True)  # of the task vectors, given a base
         return params.model_copy(update={"sums": (float(gram[0, 0]), float(gram[1, 1]),
                                                   float(gram[0, 1]))})

@@ -28,7 +28,7 @@ def prepare_slerp(
     chunks: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]],
     params: SlerpParams,
 ) -> SlerpParams:
-    """(|base|^2, |other|^2, base . other) of the whole tensor (see ``row_gram``)."""
+    """(|base|^2, |other|^2, base . other) of the whole tensor (see ``summed_gram``)."""
     gram = summed_gram((([base, other], None) for (other,), base, *_ in chunks()),
                        deltas=False)
     return params.model_copy(update={"sums": (float(gram[0, 0]), float(gram[1, 1]),

@@ -5,13 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from mergekit.methods.gram import row_gram, summed_gram
+from mergekit.methods.gram import summed_gram
 
 
 def vectors(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(300, 70, generator=g)
     return [base + 0.1 * torch.randn(300, 70, generator=g) for _ in range(3)]
+
+
+def row_gram(xs: list) -> np.ndarray:
+    """The Gram matrix of whole tensors (one chunk each)."""
+    return summed_gram([(xs, None)], deltas=False)
 
 
 def float64_gram(xs: list[torch.Tensor]) -> np.ndarray:
