@@ -70,7 +70,8 @@ def run_merge(
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
             _write_artifacts(config, plan, sources, tmp, out, options)
-            write_manifest(tmp, {**provenance, "shards": hashes})
+            write_manifest(tmp, {**provenance, "shards": hashes},
+                           skip={output_folder.JOURNAL, output_folder.LOCK})
             stop_for_test("before-move")
             journal.remove()
             output_folder.move_into_place(tmp, out)

@@ -117,3 +117,18 @@ def test_local_download_record_is_ignored_once_the_file_changed(llama_models, tm
     os.utime(a / "model.safetensors", (later, later))  # edited after the download
     assert local_download(a, "model.safetensors") is None
     assert local_download(a, "missing.safetensors") is None
+
+
+def test_manifest_lists_every_other_file_with_its_sha256(llama_models, merge):
+    a, b, _ = (str(m) for m in llama_models)
+    out = merge({"merge_method": "linear", "models": [
+        {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]},
+        out_shard_size="20k")
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    on_disk = {p.name for p in out.iterdir()} - {"mergekit_manifest.json"}
+    assert set(data["files"]) | set(data["shards"]) == on_disk
+    assert not set(data["files"]) & set(data["shards"])
+    assert {"config.json", "mergekit_config.yml", "README.md",
+            "model.safetensors.index.json"} <= set(data["files"])
+    for name, entry in data["files"].items():
+        assert entry == {"size": (out / name).stat().st_size, "sha256": sha256(out / name)}

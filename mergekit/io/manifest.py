@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,17 @@ def manifest(
     }
 
 
-def write_manifest(folder: Path, data: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+def write_manifest(folder: Path, data: dict[str, Any], skip: Collection[str] = ()) -> None:
+    """Write the manifest into ``folder``, adding ``files``: the size and sha256 of every
+    file there but the shards, the manifest and ``skip`` (the journal and the lock), so
+    that the manifest lists everything the output holds."""
+    shards = data.get("shards", {})
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in shards and p.name != MANIFEST and p.name not in skip
+    }
+    (folder / MANIFEST).write_text(json.dumps({**data, "files": files}, indent=2) + "\n")
 
 
 def file_sha256(path: Path) -> str:
