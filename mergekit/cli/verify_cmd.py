@@ -1,4 +1,4 @@
-"""mergekit-verify OUT: recompute the output shards' sha256 and compare with the manifest."""
+"""mergekit-verify OUT: check every file in OUT against the manifest the merge wrote."""
 
 import sys
 from pathlib import Path
@@ -16,17 +16,28 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 def mergekit_verify(
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="A merged model folder.")],
 ) -> None:
-    """Check that the weight shards in OUT are the ones the merge wrote (its
-    mergekit_manifest.json); exit 0 when all match, 1 when any differs."""
-    from mergekit.io.manifest import verify
+    """Check that OUT holds exactly what the merge wrote (its mergekit_manifest.json): every
+    file's size and sha256, the shards' headers against the index, and no other file;
+    exit 0 when all match, 1 when anything differs, 2 when OUT or its manifest is unusable."""
+    from mergekit.io.verify import printable, verify
 
-    problems = guarded(lambda: verify(out_path), verbose=False)
-    for problem in problems:
-        print(f"{out_path}: {problem}", file=sys.stderr)
-    if problems:
+    verdict = guarded(lambda: verify(out_path), verbose=False)
+    out = printable(str(out_path))
+    for line in verdict.notes + verdict.problems:
+        print(f"{out}: {printable(line)}", file=sys.stderr)
+    if verdict.problems:
         raise typer.Exit(1)
-    print(f"{out_path}: every shard matches the manifest")
+    index = "; the index agrees with the shards' headers" if verdict.indexed else ""
+    if verdict.files_recorded:
+        print(f"{out}: every file matches the manifest ({_count(verdict.shards, 'shard')} and "
+              f"{_count(verdict.files, 'other file')}){index}")
+    else:
+        print(f"{out}: every shard matches the manifest ({_count(verdict.shards, 'shard')})"
+              f"{index}")
 
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 def main() -> None:
     run_app(app)

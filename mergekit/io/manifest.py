@@ -112,32 +112,3 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def verify(folder: Path) -> list[str]:
-    """Differences between the shards on disk and the manifest (empty when all match)."""
-    from mergekit.errors import usage_error
-
-    path = folder / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-        shards = data["shards"]
-        if not isinstance(shards, dict):
-            raise TypeError
-    except FileNotFoundError:
-        raise usage_error(str(folder), f"no {MANIFEST} here",
-                          "verify a folder written by mergekit-yaml") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise usage_error(str(path), "not a valid manifest", "the file is damaged") from None
-    problems = []
-    for name, expected in sorted(shards.items()):
-        shard = folder / name
-        if Path(name).name != name:
-            problems.append(f"{name}: not a file name inside the folder")
-        elif not shard.is_file():
-            problems.append(f"{name}: missing")
-        elif (actual := file_sha256(shard)) != expected:
-            problems.append(f"{name}: sha256 {actual} differs from the manifest's {expected}")
-    listed = set(shards)
-    for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in listed):
-        problems.append(f"{extra}: not in the manifest")
-    return problems
