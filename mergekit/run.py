@@ -19,7 +19,7 @@ from mergekit.execute import FiniteCheck, execute_job
 from mergekit.execute_numpy import execute_job_numpy, numpy_can_run
 from mergekit.io import artifacts, output_folder
 from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
-from mergekit.io.manifest import write_manifest
+from mergekit.io.manifest import MANIFEST, write_manifest
 from mergekit.io.model import ModelSource, open_model
 from mergekit.io.readahead import Readahead
 from mergekit.io.safetensors_file import SafetensorsReader
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mergekit")
+
+INDEX = "model.safetensors.index.json"
+# the files of an output besides the shards
+OUTPUT_NAMES = (*artifacts.FILE_NAMES, INDEX, MANIFEST)
 
 
 def run_merge(
@@ -62,7 +66,7 @@ def run_merge(
             out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
         )
         provenance = _provenance(config, plan, sources, options)
-        tmp = output_folder.make_temp(out)
+        tmp = output_folder.make_temp(out, OUTPUT_NAMES)
         lock = output_folder.lock(tmp, out)
         journal = None
         try:
@@ -73,9 +77,9 @@ def run_merge(
             write_manifest(tmp, {**provenance, "shards": hashes},
                            skip={output_folder.JOURNAL, output_folder.LOCK})
             stop_for_test("before-move")
-            journal.remove()
-            output_folder.move_into_place(tmp, out)
-            lock.release(out)
+            journal.close()
+            output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
+            lock.release(None)
         except BaseException as exc:
             keep_partial_work(exc, tmp, lock, journal, len(plan.shard_files))
             raise
@@ -216,7 +220,7 @@ def _write_artifacts(
             log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)
     if config.chat_template:
         artifacts.apply_chat_template(tmp, config.chat_template, list(sources.values()))
-    (tmp / output_folder.MARKER).write_text(config.to_yaml())
+    (tmp / artifacts.RECIPE).write_text(config.to_yaml())
     if options.write_model_card:
         (tmp / "README.md").write_text(model_card(config, out.name))
 

@@ -316,3 +316,15 @@ def test_foreign_partial_folder_is_refused(tmp_path, llama_models):
     assert err.value.exit_code == 2
     assert mine.read_text() == "keep me"
     assert not (tmp_path / "out").exists()
+
+
+def test_partial_folder_of_an_earlier_run_with_other_shards_is_ours(interrupted, llama_models,
+                                                                     baseline, logs):
+    """What a run killed at any point may leave: a shard of another shard count being
+    written, files besides the weights. The rerun takes the folder and starts over."""
+    (partial(interrupted) / "model-00002-of-00005.safetensors.part").write_bytes(b"\0" * 64)
+    (partial(interrupted) / "config.json").write_text("{}")
+    (partial(interrupted) / "mergekit_journal.jsonl.part").write_text("")
+    merge_in_process(linear_recipe(llama_models), interrupted, out_shard_size=SHARD)
+    assert "resuming: 1 of 3" in logs.text
+    assert files(interrupted) == baseline

@@ -18,11 +18,17 @@ from mergekit.plan import MergePlan
 
 log = logging.getLogger("mergekit")
 
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+CARD = "README.md"
+RECIPE = "mergekit_config.yml"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
     "chat_template.jinja", "chat_template.json", "tokenizer.tiktoken",
 )
+# every file an output may hold besides the weights, their index and the manifest
+FILE_NAMES = (CONFIG, GENERATION_CONFIG, *TOKENIZER_FILES, CARD, RECIPE)
 
 
 def output_config(sources: Mapping[str, ModelSource], plan: MergePlan) -> dict[str, Any]:

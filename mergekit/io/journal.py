@@ -108,11 +108,6 @@ class Journal:
         except OSError:
             pass
 
-    def remove(self) -> None:
-        """The merge is complete: the journal has no place in the output."""
-        self.close()
-        (self.folder / JOURNAL).unlink(missing_ok=True)
-
 
 def keep_partial_work(exc: BaseException, tmp: Path, lock: FolderLock,
                       journal: Journal | None, total: int) -> None:
