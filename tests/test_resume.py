@@ -318,6 +318,50 @@ def test_foreign_partial_folder_is_refused(tmp_path, llama_models):
     assert not (tmp_path / "out").exists()
 
 
+# --- the files beside the weights: not part of the fingerprint, written after the weights ---
+
+
+def tokenizer(folder: Path, marker: str, size: int = 0) -> Path:
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"marker": marker, "pad": "x" * size}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"marker": marker}))
+    return folder
+
+
+def shard_ids(folder: Path) -> dict[str, tuple[int, int]]:
+    return {n: identity(folder / n) for n in shard_names(folder)}
+
+
+@pytest.mark.parametrize("change", ["tokenizer_source", "chat_template", "no_copy_tokenizer",
+                                    "no_model_card"])
+def test_changed_tokenizer_template_or_card_keeps_the_finished_shards(
+        change, tmp_path, llama_models, monkeypatch, logs):
+    recipe = {**linear_recipe(llama_models), "chat_template": "chatml",
+              "tokenizer_source": str(tokenizer(tmp_path / "tok_a", "a"))}
+    out = tmp_path / "out"
+    fail_in_shard(monkeypatch, 1)
+    with pytest.raises(Boom):
+        merge_in_process(recipe, out, out_shard_size=SHARD)
+    monkeypatch.undo()
+    kept = shard_ids(partial(out))
+    assert len(kept) == 1
+    options = {}
+    if change == "tokenizer_source":
+        recipe["tokenizer_source"] = str(tokenizer(tmp_path / "tok_b", "b"))
+    elif change == "chat_template":
+        recipe["chat_template"] = "llama3"
+    elif change == "no_copy_tokenizer":
+        options["copy_tokenizer"] = False
+    else:
+        options["write_model_card"] = False
+    merge_in_process(recipe, out, out_shard_size=SHARD, **options)
+    assert "resuming: 1 of 3" in logs.text
+    assert {n: identity(out / n) for n in kept} == kept
+    fresh = tmp_path / "fresh" / "out"
+    merge_in_process(recipe, fresh, out_shard_size=SHARD, **options)
+    assert files(out) == files(fresh)
+
+
 def test_partial_folder_of_an_earlier_run_with_other_shards_is_ours(interrupted, llama_models,
                                                                      baseline, logs):
     """What a run killed at any point may leave: a shard of another shard count being
