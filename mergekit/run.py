@@ -80,8 +80,9 @@ def run_merge(
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
             artifacts.write_artifacts(tmp, files)
-            write_manifest(tmp, {**provenance, "shards": hashes},
-                           skip={output_folder.JOURNAL, output_folder.LOCK})
+            with output_folder.writing(tmp / MANIFEST):
+                write_manifest(tmp, {**provenance, "shards": hashes},
+                               skip={output_folder.JOURNAL, output_folder.LOCK})
             stop_for_test("before-move")
             journal.close()
             output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
@@ -158,7 +159,8 @@ def _write_weights(
             journal.add(filename, hashes[filename])
             stop_for_test(f"shard-done:{number}")
     if len(plan.shard_files) > 1:
-        write_index(tmp, weight_map, plan.write_bytes)
+        with output_folder.writing(tmp / INDEX):
+            write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
 
 

@@ -19,6 +19,7 @@ from mergekit.chat_templates import template_text
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import ST_DTYPES
 from mergekit.io.model import ModelSource
+from mergekit.io.output_folder import writing
 
 if TYPE_CHECKING:
     from mergekit.plan import MergePlan
@@ -141,9 +142,11 @@ def write_artifacts(folder: Path, artifacts: Artifacts) -> None:
         except OSError as exc:  # it was readable before the merge
             raise merge_failure(str(source), f"cannot read ({exc.strerror or exc})",
                                 "check the file and rerun the same command") from None
-        (folder / name).write_bytes(data)
+        with writing(folder / name):
+            (folder / name).write_bytes(data)
     for name, text in artifacts.texts.items():
-        (folder / name).write_text(text, encoding="utf-8")
+        with writing(folder / name):
+            (folder / name).write_text(text, encoding="utf-8")
 
 
 def _auto_template(folders: Sequence[Path]) -> str | None:

@@ -16,7 +16,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from mergekit.errors import merge_failure, usage_error
@@ -144,6 +144,17 @@ def make_temp(out: Path, output_names: Collection[str]) -> Path:
                           f"{_few(tmp, foreign)}",
                           "remove the folder or choose another output folder")
     return tmp
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report a failed write of ``path`` in the temporary folder (a full disk, a folder in
+    the way) as one line; the finished shards stay for a rerun."""
+    try:
+        yield
+    except OSError as exc:
+        raise merge_failure(str(path), f"cannot write ({exc.strerror or exc})",
+                            "free disk space or choose another output folder") from None
 
 
 class FolderLock:
