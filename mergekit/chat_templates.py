@@ -77,3 +77,9 @@ BUILTIN_TEMPLATES = {
 
 def is_literal_template(text: str) -> bool:
     return "{{" in text or "{%" in text
+
+
+def template_text(choice: str) -> str:
+    """The template a recipe's ``chat_template`` names: a literal Jinja template, or a
+    built-in by name (``auto`` is resolved from the inputs' files, in ``io/artifacts``)."""
+    return choice if is_literal_template(choice) else BUILTIN_TEMPLATES[choice]

@@ -1,17 +1,16 @@
-"""Run a merge: plan it, execute its tensor jobs (``execute.py``) into shards streamed to a
-temporary folder, add the config, tokenizer, model card and manifest, move it into place."""
+"""Run a merge: plan it, resolve and check the files beside the weights (config, tokenizer,
+model card), execute its tensor jobs (``execute.py``) into shards streamed to a temporary
+folder, write those files and the manifest, move it into place."""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
@@ -19,7 +18,7 @@ from mergekit.execute import FiniteCheck, execute_job
 from mergekit.execute_numpy import execute_job_numpy, numpy_can_run
 from mergekit.io import artifacts, output_folder
 from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
-from mergekit.io.manifest import write_manifest
+from mergekit.io.manifest import MANIFEST, write_manifest
 from mergekit.io.model import ModelSource, open_model
 from mergekit.io.readahead import Readahead
 from mergekit.io.safetensors_file import SafetensorsReader
@@ -33,6 +32,13 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mergekit")
+
+INDEX = "model.safetensors.index.json"
+# the files of an output besides the shards
+OUTPUT_NAMES = (*artifacts.FILE_NAMES, INDEX, MANIFEST)
+# recipe fields that decide only the files beside the weights: a rerun that changes them
+# keeps the finished shards
+ARTIFACT_FIELDS = ("tokenizer_source", "tokenizer", "chat_template")
 
 
 def run_merge(
@@ -55,27 +61,32 @@ def run_merge(
                           options.random_seed)
         for warning in plan.warnings:
             log.warning(warning)
+        if not options.dry_run:
+            output_folder.check_output(
+                out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
+            )
+        # everything besides the weights is checked before any weight is read
+        files = _artifacts(config, plan, sources, out, options)
         if options.dry_run:
             print(format_plan(plan))
             return plan
-        output_folder.check_output(
-            out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
-        )
         provenance = _provenance(config, plan, sources, options)
-        tmp = output_folder.make_temp(out)
+        tmp = output_folder.make_temp(out, OUTPUT_NAMES)
         lock = output_folder.lock(tmp, out)
         journal = None
         try:
-            journal = Journal.open(tmp, fingerprint(provenance, format_plan(plan)),
+            journal = Journal.open(tmp, fingerprint(_shards_provenance(provenance),
+                                                    format_plan(plan)),
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
-            _write_artifacts(config, plan, sources, tmp, out, options)
-            write_manifest(tmp, {**provenance, "shards": hashes},
-                           skip={output_folder.JOURNAL, output_folder.LOCK})
+            artifacts.write_artifacts(tmp, files)
+            with output_folder.writing(tmp / MANIFEST):
+                write_manifest(tmp, {**provenance, "shards": hashes},
+                               skip={output_folder.JOURNAL, output_folder.LOCK})
             stop_for_test("before-move")
-            journal.remove()
-            output_folder.move_into_place(tmp, out)
-            lock.release(out)
+            journal.close()
+            output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
+            lock.release(None)
         except BaseException as exc:
             keep_partial_work(exc, tmp, lock, journal, len(plan.shard_files))
             raise
@@ -148,7 +159,8 @@ def _write_weights(
             journal.add(filename, hashes[filename])
             stop_for_test(f"shard-done:{number}")
     if len(plan.shard_files) > 1:
-        write_index(tmp, weight_map, plan.write_bytes)
+        with output_folder.writing(tmp / INDEX):
+            write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
 
 
@@ -195,30 +207,36 @@ def _torch_threads() -> Iterator[int]:
         torch.set_num_threads(threads)
 
 
-def _write_artifacts(
+def _artifacts(
     config: MergeConfiguration,
     plan: MergePlan,
     sources: Mapping[str, ModelSource],
-    tmp: Path,
     out: Path,
     options: MergeOptions,
-) -> None:
+) -> artifacts.Artifacts:
+    """The output's files besides the weights, resolved and checked."""
     from mergekit.io.card import model_card
 
-    main = sources[plan.config_model]
-    out_config = artifacts.output_config(sources, plan)
-    (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-    if (main.folder / "generation_config.json").is_file():
-        shutil.copyfile(main.folder / "generation_config.json", tmp / "generation_config.json")
+    generation = sources[plan.config_model].folder / artifacts.GENERATION_CONFIG
+    tokenizer = None
     if options.copy_tokenizer:
         folder = _tokenizer_folder(config, plan, sources, options)
-        if not artifacts.copy_tokenizer(folder, tmp):
+        tokenizer = artifacts.tokenizer_files(folder)
+        if not tokenizer and config.tokenizer_source is not None:
+            raise usage_error("tokenizer_source", f"{folder} holds no tokenizer files",
+                              "name a model that has a tokenizer (tokenizer.json, "
+                              "tokenizer_config.json, ...)")
+        if not tokenizer:
             log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)
-    if config.chat_template:
-        artifacts.apply_chat_template(tmp, config.chat_template, list(sources.values()))
-    (tmp / output_folder.MARKER).write_text(config.to_yaml())
-    if options.write_model_card:
-        (tmp / "README.md").write_text(model_card(config, out.name))
+    return artifacts.resolve_artifacts(
+        config=artifacts.output_config(sources, plan),
+        recipe_yaml=config.to_yaml(),
+        generation_config=generation if generation.is_file() else None,
+        tokenizer=tokenizer,
+        chat_template=config.chat_template,
+        input_folders=[s.folder for s in sources.values()],
+        card=model_card(config, out.name) if options.write_model_card else None,
+    )
 
 
 def _provenance(
@@ -226,7 +244,7 @@ def _provenance(
     plan: MergePlan,
     sources: Mapping[str, ModelSource],
     options: MergeOptions,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The manifest without the shards' sha256: what decides the output's bytes."""
     from mergekit import __version__
     from mergekit.config import recipe_to_plain
@@ -244,6 +262,12 @@ def _provenance(
                       options.hash_inputs)
     del record["shards"]
     return record
+
+
+def _shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The provenance less the recipe fields that do not decide the shards' bytes."""
+    recipe = {k: v for k, v in provenance["recipe"].items() if k not in ARTIFACT_FIELDS}
+    return {**provenance, "recipe": recipe}
 
 
 def _tokenizer_folder(

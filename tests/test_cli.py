@@ -372,13 +372,15 @@ def test_output_with_foreign_files_is_refused(tmp_path, llama_models):
     (out / "notes.txt").write_text("mine")
     proc = yaml_cmd(recipe, out)
     assert proc.returncode == 2, proc.stderr
-    assert "exists, is not empty and is not a mergekit output" in proc.stderr
+    assert proc.stderr.endswith(f"error: {out}: exists and holds notes.txt but no valid "
+                                "mergekit_manifest.json, so it is not a mergekit output; "
+                                "choose another output folder\n")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_rerun_replaces_an_earlier_output(tmp_path, llama_models, merge):
-    """A folder holding an earlier merge (it has mergekit_config.yml) may be overwritten."""
+    """A folder holding an earlier merge (its manifest lists all it holds) is replaced."""
     a, b, c = (str(m) for m in llama_models)
     out = merge(linear_recipe(a, b))
     assert (out / "mergekit_config.yml").is_file()

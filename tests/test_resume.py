@@ -316,3 +316,120 @@ def test_foreign_partial_folder_is_refused(tmp_path, llama_models):
     assert err.value.exit_code == 2
     assert mine.read_text() == "keep me"
     assert not (tmp_path / "out").exists()
+
+
+# --- the files beside the weights: not part of the fingerprint, written after the weights ---
+
+
+def tokenizer(folder: Path, marker: str, size: int = 0) -> Path:
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"marker": marker, "pad": "x" * size}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"marker": marker}))
+    return folder
+
+
+def shard_ids(folder: Path) -> dict[str, tuple[int, int]]:
+    return {n: identity(folder / n) for n in shard_names(folder)}
+
+
+@pytest.mark.parametrize("change", ["tokenizer_source", "chat_template", "no_copy_tokenizer",
+                                    "no_model_card"])
+def test_changed_tokenizer_template_or_card_keeps_the_finished_shards(
+        change, tmp_path, llama_models, monkeypatch, logs):
+    recipe = {**linear_recipe(llama_models), "chat_template": "chatml",
+              "tokenizer_source": str(tokenizer(tmp_path / "tok_a", "a"))}
+    out = tmp_path / "out"
+    fail_in_shard(monkeypatch, 1)
+    with pytest.raises(Boom):
+        merge_in_process(recipe, out, out_shard_size=SHARD)
+    monkeypatch.undo()
+    kept = shard_ids(partial(out))
+    assert len(kept) == 1
+    options = {}
+    if change == "tokenizer_source":
+        recipe["tokenizer_source"] = str(tokenizer(tmp_path / "tok_b", "b"))
+    elif change == "chat_template":
+        recipe["chat_template"] = "llama3"
+    elif change == "no_copy_tokenizer":
+        options["copy_tokenizer"] = False
+    else:
+        options["write_model_card"] = False
+    merge_in_process(recipe, out, out_shard_size=SHARD, **options)
+    assert "resuming: 1 of 3" in logs.text
+    assert {n: identity(out / n) for n in kept} == kept
+    fresh = tmp_path / "fresh" / "out"
+    merge_in_process(recipe, fresh, out_shard_size=SHARD, **options)
+    assert files(out) == files(fresh)
+
+
+@pytest.fixture
+def tokenized_recipe(tmp_path, llama_models) -> dict:
+    return {**linear_recipe(llama_models), "tokenizer_source": str(tokenizer(tmp_path / "tok",
+                                                                             "t", 200_000))}
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
+                                  "README.md", "mergekit_config.yml",
+                                  "model.safetensors.index.json", "mergekit_manifest.json"])
+def test_failed_write_beside_the_weights_keeps_the_shards(name, tmp_path, tokenized_recipe,
+                                                          monkeypatch):
+    from mergekit.io.journal import Journal
+
+    real = Journal.open.__func__
+
+    def open_and_obstruct(cls, folder, *args):
+        journal = real(cls, folder, *args)
+        (folder / name).mkdir()  # in the way of the file's write, after the weights
+        return journal
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(Journal, "open", classmethod(open_and_obstruct))
+    with pytest.raises(MergeError) as err:
+        merge_in_process(tokenized_recipe, out, out_shard_size=SHARD)
+    monkeypatch.undo()
+    assert err.value.exit_code == 1
+    assert str(err.value) == (f"{partial(out) / name}: cannot write (Is a directory); free "
+                              "disk space or choose another output folder")
+    assert err.value.__notes__ == [f"3 of 3 shard(s) are finished and kept in {partial(out)}; "
+                                   "rerun the same command to resume"]
+    assert not out.exists()
+    kept = shard_ids(partial(out))
+    (partial(out) / name).rmdir()  # the cause, removed
+    merge_in_process(tokenized_recipe, out, out_shard_size=SHARD)
+    assert {n: identity(out / n) for n in kept} == kept
+    fresh = tmp_path / "fresh" / "out"
+    merge_in_process(tokenized_recipe, fresh, out_shard_size=SHARD)
+    assert files(out) == files(fresh)
+
+
+def test_full_disk_while_copying_the_tokenizer(tmp_path, tokenized_recipe):
+    """Every shard fits under the file size limit; the 200 kB tokenizer.json does not."""
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yml", tokenized_recipe)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", FSIZE_LIMITED, "100000", str(recipe), str(out), "-q",
+         "--out-shard-size", SHARD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-2:] == [
+        f"error: {partial(out) / 'tokenizer.json'}: cannot write (File too large); free disk "
+        "space or choose another output folder",
+        f"3 of 3 shard(s) are finished and kept in {partial(out)}; rerun the same command to "
+        "resume"]
+    assert not out.exists()
+    kept = shard_ids(partial(out))
+    merge_in_process(tokenized_recipe, out, out_shard_size=SHARD)
+    assert {n: identity(out / n) for n in kept} == kept
+
+
+def test_partial_folder_of_an_earlier_run_with_other_shards_is_ours(interrupted, llama_models,
+                                                                     baseline, logs):
+    """What a run killed at any point may leave: a shard of another shard count being
+    written, files besides the weights. The rerun takes the folder and starts over."""
+    (partial(interrupted) / "model-00002-of-00005.safetensors.part").write_bytes(b"\0" * 64)
+    (partial(interrupted) / "config.json").write_text("{}")
+    (partial(interrupted) / "mergekit_journal.jsonl.part").write_text("")
+    merge_in_process(linear_recipe(llama_models), interrupted, out_shard_size=SHARD)
+    assert "resuming: 1 of 3" in logs.text
+    assert files(interrupted) == baseline

@@ -1,28 +1,53 @@
-"""Everything in the output folder besides the weights: config, tokenizer, card, recipe."""
+"""Everything in the output folder besides the weights: config, tokenizer, card, recipe.
+
+They are resolved into plain data (the text of each file, or the input file it copies)
+before any weight is read, so a bad tokenizer source or template stops the run at once,
+and written after the weights."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergekit.architecture import LAYER_COUNT_KEYS, embedding_name
-from mergekit.chat_templates import BUILTIN_TEMPLATES, is_literal_template
+from mergekit.chat_templates import template_text
+from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import ST_DTYPES
 from mergekit.io.model import ModelSource
-from mergekit.plan import MergePlan
+from mergekit.io.output_folder import writing
+
+if TYPE_CHECKING:
+    from mergekit.plan import MergePlan
 
 log = logging.getLogger("mergekit")
 
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+CARD = "README.md"
+RECIPE = "mergekit_config.yml"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
-    "chat_template.jinja", "chat_template.json", "tokenizer.tiktoken",
+    CHAT_TEMPLATE, "chat_template.json", "tokenizer.tiktoken",
 )
+# every file an output may hold besides the weights, their index and the manifest
+FILE_NAMES = (CONFIG, GENERATION_CONFIG, *TOKENIZER_FILES, CARD, RECIPE)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The output's files besides the weights: the text of each one made here, and the
+    input file each copied one comes from (checked to be readable)."""
+
+    texts: Mapping[str, str]
+    copies: Mapping[str, Path]
 
 
 def output_config(sources: Mapping[str, ModelSource], plan: MergePlan) -> dict[str, Any]:
@@ -62,41 +87,121 @@ def _layer_type(config: dict[str, Any], layer: int, fallback: list[Any]) -> Any:
     return types[min(layer, len(types) - 1)]
 
 
-def copy_tokenizer(src_folder: Path, out: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src_folder / name).is_file():
-            shutil.copyfile(src_folder / name, out / name)
-            copied.append(name)
-    return copied
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files in ``folder``, by name."""
+    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
-def apply_chat_template(out: Path, template: str, sources: list[ModelSource]) -> None:
-    """Write the template into the output tokenizer config (and chat_template.jinja)."""
-    if template == "auto":
-        found = [t for s in sources if (t := _template_of(s.folder))]
-        if not found:
-            log.warning("chat_template: auto found no template in the inputs; none written")
-            return
-        text = Counter(found).most_common(1)[0][0]
-    elif is_literal_template(template):
-        text = template
-    else:
-        text = BUILTIN_TEMPLATES[template]
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    cfg["chat_template"] = text
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    (out / "chat_template.jinja").write_text(text)
-    (out / "chat_template.json").unlink(missing_ok=True)
+def resolve_artifacts(
+    *,
+    config: dict[str, Any],
+    recipe_yaml: str,
+    generation_config: Path | None = None,
+    tokenizer: Mapping[str, Path] | None = None,
+    chat_template: str | None = None,
+    input_folders: Sequence[Path] = (),
+    card: str | None = None,
+) -> Artifacts:
+    """Everything the output holds besides the weights. ``tokenizer``: the files to copy;
+    ``chat_template``: the recipe's value, written into the tokenizer config (``auto``
+    takes the most common template among ``input_folders``). Raises a usage error naming
+    the file when an input file is unreadable or malformed."""
+    texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
+    copies = dict(tokenizer or {})
+    if generation_config is not None:
+        copies[GENERATION_CONFIG] = generation_config
+    if chat_template is not None:
+        text = _auto_template(input_folders) if chat_template == "auto" else template_text(
+            chat_template)
+        if text is not None:
+            source = copies.pop(TOKENIZER_CONFIG, None)
+            tok_config = read_json_object(source) if source is not None else {}
+            tok_config["chat_template"] = text
+            texts[TOKENIZER_CONFIG] = json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
+            texts[CHAT_TEMPLATE] = text
+            copies.pop(CHAT_TEMPLATE, None)
+            copies.pop("chat_template.json", None)  # it would override the new template
+    texts[RECIPE] = recipe_yaml
+    if card is not None:
+        texts[CARD] = card
+    for path in copies.values():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise usage_error(str(path), f"cannot read ({exc.strerror or exc})",
+                              "check the file and its permissions") from None
+    return Artifacts(texts, copies)
+
+
+def write_artifacts(folder: Path, artifacts: Artifacts) -> None:
+    """Write the resolved files into ``folder``."""
+    for name, source in artifacts.copies.items():
+        try:
+            data = source.read_bytes()
+        except OSError as exc:  # it was readable before the merge
+            raise merge_failure(str(source), f"cannot read ({exc.strerror or exc})",
+                                "check the file and rerun the same command") from None
+        with writing(folder / name):
+            (folder / name).write_bytes(data)
+    for name, text in artifacts.texts.items():
+        with writing(folder / name):
+            (folder / name).write_text(text, encoding="utf-8")
+
+
+def _auto_template(folders: Sequence[Path]) -> str | None:
+    found = [t for f in folders if (t := _template_of(f))]
+    if not found:
+        log.warning("chat_template: auto found no template in the inputs; none written")
+        return None
+    return Counter(found).most_common(1)[0][0]
 
 
 def _template_of(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
+    """The chat template a model folder carries: chat_template.jinja, else the
+    tokenizer config's ``chat_template``."""
+    jinja = folder / CHAT_TEMPLATE
     if jinja.is_file():
-        return jinja.read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        value = json.loads(cfg.read_text()).get("chat_template")
-        return value if isinstance(value, str) else None
-    return None
+        return _read_text(jinja)
+    path = folder / TOKENIZER_CONFIG
+    if not path.is_file():
+        return None
+    value = read_json_object(path).get("chat_template")
+    if value is not None and not isinstance(value, str):
+        raise usage_error(str(path), f"chat_template is {_json_kind(value)}, not a string",
+                          "name a built-in or a Jinja template in the recipe's chat_template "
+                          "instead of auto")
+    return value
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; a usage error naming the file otherwise."""
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise usage_error(str(path), f"not valid JSON (line {exc.lineno} column {exc.colno}: "
+                          f"{exc.msg})", "fix or replace the file") from None
+    except RecursionError:
+        raise usage_error(str(path), "not valid JSON (nested too deeply)",
+                          "fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise usage_error(str(path), f"holds {_json_kind(data)}, not a JSON object",
+                          "fix or replace the file")
+    return data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise usage_error(str(path), f"cannot read ({exc.strerror or exc})",
+                          "check the file and its permissions") from None
+    except UnicodeDecodeError:
+        raise usage_error(str(path), "not UTF-8 text", "fix or replace the file") from None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)

@@ -2,7 +2,7 @@
 ``kill -9`` or Ctrl-C keeps them and merges only the rest.
 
 ``mergekit_journal.jsonl``: the first line ``{"journal": 1, "fingerprint": "<sha256>"}``
-names what is being made (recipe, options that change the result, inputs, plan); each
+names the shards being made (recipe, options that change them, inputs, plan); each
 further line ``{"shard": "<file>", "sha256": "<hex>"}`` is appended, and synced, once that
 shard is complete on disk. A last line torn by a crash is ignored.
 """
@@ -29,9 +29,10 @@ FORMAT = 1
 
 
 def fingerprint(provenance: dict[str, Any], plan_text: str) -> str:
-    """sha256 of what decides the shards' bytes: the manifest's provenance (tool version,
-    recipe, options that change the result, inputs' revisions or file sizes and mtimes)
-    and the plan."""
+    """sha256 of what decides the shards' bytes: ``provenance`` (tool version, the recipe
+    less what decides only the files beside the weights, options that change the shards,
+    inputs' revisions or file sizes and mtimes) and the plan. The tokenizer, chat template
+    and model card are left out: changing them keeps the finished shards."""
     data = {"provenance": provenance, "plan": plan_text}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -107,11 +108,6 @@ class Journal:
             self._file.close()
         except OSError:
             pass
-
-    def remove(self) -> None:
-        """The merge is complete: the journal has no place in the output."""
-        self.close()
-        (self.folder / JOURNAL).unlink(missing_ok=True)
 
 
 def keep_partial_work(exc: BaseException, tmp: Path, lock: FolderLock,

@@ -1,31 +1,50 @@
 """The output folder appears only when complete: work in a temporary folder beside it
 (``.OUT.partial``, kept after an interruption so a rerun can resume), locked against a
-second run, then move it into place."""
+second run, then move it into place.
+
+An existing OUT is replaced only when it is provably a complete output of this tool: its
+``mergekit_manifest.json`` lists everything it holds. Only what that manifest lists is
+ever deleted."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import shutil
+import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from mergekit.errors import merge_failure, usage_error
+from mergekit.io.manifest import MANIFEST
 
 try:
     import fcntl
 except ImportError:  # no advisory locks (Windows): runs are not kept apart
     fcntl = None  # type: ignore[assignment]
 
-MARKER = "mergekit_config.yml"
+log = logging.getLogger("mergekit")
+
 LOCK = "mergekit.lock"
 JOURNAL = "mergekit_journal.jsonl"
+# the shard names plan.py gives, in any shard count (an interrupted run's may differ)
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def check_output(out: Path, input_folders: Iterable[Path]) -> None:
-    """Refuse an OUT that is an input, or an existing folder we did not write."""
+    """Refuse an OUT that is an input, the current folder or one above it, or an existing
+    folder that is not a complete earlier output of mergekit."""
     target = out.resolve()
+    with contextlib.suppress(OSError):  # the current folder may be gone
+        here = Path.cwd().resolve()
+        if here == target or here.is_relative_to(target):
+            what = "is the current folder" if here == target else "holds the current folder"
+            raise usage_error(str(out), f"{what}, and the merge would replace it",
+                              "write into a new folder, e.g. merged")
     for folder in input_folders:
         f = folder.resolve()
         if target == f or f.is_relative_to(target) or target.is_relative_to(f):
@@ -33,9 +52,62 @@ def check_output(out: Path, input_folders: Iterable[Path]) -> None:
                               "choose another output folder")
     if out.exists() and not out.is_dir():
         raise usage_error(str(out), "exists and is not a folder", "choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise usage_error(str(out), "exists, is not empty and is not a mergekit output",
-                          "choose another output folder or remove it")
+    if out.is_dir() and (problem := _not_replaceable(out)):
+        raise usage_error(str(out), problem, "choose another output folder")
+
+
+def _not_replaceable(out: Path) -> str | None:
+    """Why the existing folder ``out`` may not be replaced; None when it is empty or a
+    complete mergekit output."""
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return None
+    listed = _listed(out)
+    if listed is None:
+        return (f"exists and holds {_few(out, names)} but no valid {MANIFEST}, so it is not "
+                "a mergekit output")
+    unexpected = [n for n in names if n not in listed or not _is_file(out / n)]
+    if unexpected:
+        return (f"holds files its {MANIFEST} does not list: {_few(out, unexpected)}, so it is "
+                "not only a mergekit output")
+    return None
+
+
+def _listed(folder: Path) -> set[str] | None:
+    """The names the manifest in ``folder`` accounts for (its shards, its other files and
+    itself); None when there is no manifest written by mergekit."""
+    path = folder / MANIFEST
+    if not _is_file(path):
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("tool") != "mergekit":
+        return None
+    shards, files = data.get("shards"), data.get("files", {})
+    if not isinstance(shards, dict) or not isinstance(files, dict):
+        return None
+    return {*shards, *files, MANIFEST}
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file, not a link or a folder."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _few(folder: Path, names: list[str], shown: int = 5) -> str:
+    """A few of ``names`` (folders with a trailing /), then how many more."""
+    def show(name: str) -> str:
+        text = name if name.isprintable() else ascii(name)
+        return text + "/" if (folder / name).is_dir() and not (folder / name).is_symlink() \
+            else text
+
+    text = ", ".join(show(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def temp_path(out: Path) -> Path:
@@ -45,8 +117,10 @@ def temp_path(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def make_temp(out: Path) -> Path:
-    """Create (or find) the temporary folder; refuse one holding files we did not write."""
+def make_temp(out: Path, output_names: Collection[str]) -> Path:
+    """Create (or find) the temporary folder; refuse one holding anything mergekit does
+    not write there: the lock, the journal, shards and ``output_names`` (the files
+    besides the weights), each possibly as ``.part``."""
     tmp = temp_path(out)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -56,11 +130,31 @@ def make_temp(out: Path) -> Path:
     except OSError as exc:
         raise merge_failure(str(tmp.parent), f"cannot create the output folder "
                             f"({exc.strerror})", "check the path and its permissions") from None
-    names = {p.name for p in tmp.iterdir()}
-    if names and not names & {LOCK, JOURNAL, MARKER}:
-        raise usage_error(str(tmp), "holds files that mergekit did not write",
+    names = sorted(p.name for p in tmp.iterdir())
+    known = {LOCK, JOURNAL, *output_names}
+
+    def ours(name: str) -> bool:
+        base = name.removesuffix(".part")
+        return _is_file(tmp / name) and (base in known or bool(_SHARD.fullmatch(base)))
+
+    # a folder we worked in holds our lock (made first) or our journal
+    foreign = [n for n in names if not ours(n)] if {LOCK, JOURNAL} & set(names) else names
+    if foreign:
+        raise usage_error(str(tmp), f"holds files that mergekit did not write: "
+                          f"{_few(tmp, foreign)}",
                           "remove the folder or choose another output folder")
     return tmp
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report a failed write of ``path`` in the temporary folder (a full disk, a folder in
+    the way) as one line; the finished shards stay for a rerun."""
+    try:
+        yield
+    except OSError as exc:
+        raise merge_failure(str(path), f"cannot write ({exc.strerror or exc})",
+                            "free disk space or choose another output folder") from None
 
 
 class FolderLock:
@@ -123,15 +217,51 @@ def _read_pid(path: Path) -> int | None:
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
-    """Replace OUT (empty, or an earlier mergekit output) with the finished folder."""
+    """Replace OUT (absent, empty, or a complete earlier output, checked again: files may
+    have appeared in it during the merge) with the finished folder, less its lock and
+    journal. Of the old OUT only what its manifest lists is deleted."""
     out = out.resolve()
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.is_dir() and (problem := _not_replaceable(out)):
+        raise merge_failure(str(out), f"changed during the merge: it {problem}",
+                            "move those files away and rerun the same command")
+    tag = uuid.uuid4().hex[:8]
+    done = out.parent / f".{out.name}.done-{tag}"
+    old = out.parent / f".{out.name}.old-{tag}"
+    try:
+        # once renamed, no second run can take the lock in tmp, so the lock file can go
+        # before the folder becomes OUT: a stop at any point leaves no lock in OUT
+        os.replace(tmp, done)
+        try:
+            if out.exists():
+                os.replace(out, old)
+            (done / LOCK).unlink(missing_ok=True)
+            (done / JOURNAL).unlink(missing_ok=True)
+            os.replace(done, out)
+        except OSError:
+            with contextlib.suppress(OSError):
+                if old.exists():
+                    os.replace(old, out)
+                os.replace(done, tmp)
+            raise
+    except OSError as exc:
+        raise merge_failure(str(out), f"cannot move the finished merge into place "
+                            f"({exc.strerror or exc})", "check the folder's permissions") from None
+    if old.exists():
+        _remove_listed(old)
+
+
+def _remove_listed(old: Path) -> None:
+    """Delete the replaced output: the files its manifest lists, then the folder if that
+    left it empty."""
+    for name in _listed(old) or ():
+        if Path(name).name == name and _is_file(old / name):
+            with contextlib.suppress(OSError):  # what stays keeps the folder, with a warning
+                (old / name).unlink()
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("%s: the replaced output is kept: it holds files its %s does not list",
+                    old, MANIFEST)
 
 
 def discard(tmp: Path) -> None:
