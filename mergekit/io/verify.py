@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mergekit.errors import usage_error
+from mergekit.io.artifacts import RECIPE
 from mergekit.io.manifest import MANIFEST, file_sha256
-from mergekit.io.output_folder import MARKER
 from mergekit.io.weight_index import INDEX, index_problems, shard_header
 
 # what loaders (transformers, llama.cpp, vLLM) may pick up as weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 # a model cannot be loaded, or its output not be told apart from another folder, without
-REQUIRED = ("config.json", MARKER)
+REQUIRED = ("config.json", RECIPE)
 # relative paths: the hub's attributes file, a git clone's repository and the record
 # that ``hf download --local-dir`` keeps
 BOOKKEEPING = frozenset({".gitattributes", ".git", ".cache/huggingface"})
