@@ -208,8 +208,8 @@ def _write_artifacts(
     main = sources[plan.config_model]
     out_config = artifacts.output_config(sources, plan)
     (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-    if (main.folder / "generation_config.json").is_file():
-        shutil.copyfile(main.folder / "generation_config.json", tmp / "generation_config.json")
+    if (generation := main.side_file("generation_config.json")) is not None:
+        shutil.copyfile(generation, tmp / "generation_config.json")
     if options.copy_tokenizer:
         folder = _tokenizer_folder(config, plan, sources, options)
         if not artifacts.copy_tokenizer(folder, tmp):

@@ -174,3 +174,38 @@ def test_no_command_takes_a_token_on_the_command_line():
         assert proc.returncode == 0
         assert "--token" not in proc.stdout and "--hf-token" not in proc.stdout
         assert "--trust-remote-code" not in proc.stdout or "off by default" in proc.stdout
+
+
+@pytest.mark.parametrize("name,target", [("tokenizer.json", None),
+                                         ("generation_config.json", "/etc/passwd")])
+def test_link_out_of_the_model_folder_is_not_copied(name, target, tmp_path, llama_models):
+    """A git clone may carry links; the file they lead to must not end up in OUT (which
+    users upload), nor pass mergekit-verify."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"api_key": "do-not-upload"}')
+    target = Path(target) if target else secret
+    if not target.is_file():
+        pytest.skip(f"no {target} here")
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_models[0], bad)
+    (bad / name).unlink(missing_ok=True)
+    (bad / name).symlink_to(target)
+    proc = run_merge_with(tmp_path, llama_models[1], bad)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {bad / name}: leads outside the model folder {bad} "
+                                  f"(to {target.resolve()})")
+
+
+def test_model_folder_that_is_a_link_merges(tmp_path, llama_models):
+    real = tmp_path / "data" / "a"
+    shutil.copytree(llama_models[0], real)
+    (real / "tokenizer.json").write_text('{"from": "a"}')
+    link = tmp_path / "models" / "a"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(link), "parameters": {"weight": 1.0}},
+        {"model": str(llama_models[1]), "parameters": {"weight": 1.0}}]})
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"from": "a"}'

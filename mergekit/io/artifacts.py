@@ -13,7 +13,7 @@ from typing import Any
 from mergekit.architecture import LAYER_COUNT_KEYS, embedding_name
 from mergekit.chat_templates import BUILTIN_TEMPLATES, is_literal_template
 from mergekit.io.dtypes import ST_DTYPES
-from mergekit.io.model import ModelSource
+from mergekit.io.model import ModelSource, side_file
 from mergekit.plan import MergePlan
 
 log = logging.getLogger("mergekit")
@@ -65,8 +65,8 @@ def _layer_type(config: dict[str, Any], layer: int, fallback: list[Any]) -> Any:
 def copy_tokenizer(src_folder: Path, out: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (src_folder / name).is_file():
-            shutil.copyfile(src_folder / name, out / name)
+        if (path := side_file(src_folder, name)) is not None:
+            shutil.copyfile(path, out / name)
             copied.append(name)
     return copied
 
@@ -92,11 +92,11 @@ def apply_chat_template(out: Path, template: str, sources: list[ModelSource]) ->
 
 
 def _template_of(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
+    jinja = side_file(folder, "chat_template.jinja")
+    if jinja is not None:
         return jinja.read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
+    cfg = side_file(folder, "tokenizer_config.json")
+    if cfg is not None:
         value = json.loads(cfg.read_text()).get("chat_template")
         return value if isinstance(value, str) else None
     return None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import st_code
+from mergekit.io.hub import SMALL_FILES
 from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from mergekit.refs import ModelReference
 
@@ -20,6 +23,36 @@ WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
+
+
+def inside(folder: Path, path: Path) -> Path:
+    """``path``, after checking that it leads to a file inside ``folder`` once every link
+    is followed (the folder's own links first: it may be a link itself). A hub cache
+    snapshot (``models--org--name/snapshots/<rev>``) may also lead into that repository's
+    ``blobs/``. Anything else is refused: a link in a git clone must not copy a file from
+    elsewhere into the output, which users upload."""
+    try:
+        root = folder.resolve()
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop, before Python 3.13
+        raise usage_error(str(path), f"cannot follow its links ({exc})",
+                          "replace the link by the file itself") from None
+    if target.is_relative_to(root):
+        return path
+    repo = root.parent.parent
+    if (root.parent.name == "snapshots" and repo.name.startswith("models--")
+            and target.is_relative_to(repo / "blobs")):
+        return path
+    raise usage_error(str(path), f"leads outside the model folder {root} (to {target})",
+                      "refusing to read it; replace the link by the file itself")
+
+
+def side_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it is a file inside the folder (see ``inside``), None when there
+    is no such file; the one way to find a file besides the weights (config, tokenizer,
+    generation config, chat template)."""
+    path = folder / name
+    return inside(folder, path) if path.is_file() else None
 
 
 class ModelSource:
@@ -38,6 +71,7 @@ class ModelSource:
         self._reader = reader
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._check_small_files()
         self.config = self._load_config()
         self.weight_map = self._find_weights()  # tensor name -> weight file name
 
@@ -49,9 +83,24 @@ class ModelSource:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def side_file(self, name: str) -> Path | None:
+        """The file ``name`` beside the weights, or None (see ``side_file``)."""
+        return side_file(self.folder, name)
+
+    def _check_small_files(self) -> None:
+        """Refuse, as the model is opened and before any weight is read, a config, tokenizer,
+        template or index file in the folder that is a link leading outside it."""
+        try:
+            links = [e.name for e in os.scandir(self.folder) if e.is_symlink()]
+        except OSError:
+            return  # reported as a missing config.json
+        for name in links:
+            if any(fnmatch(name, pattern) for pattern in SMALL_FILES):
+                inside(self.folder, self.folder / name)
+
     def _load_config(self) -> dict[str, Any]:
-        path = self.folder / "config.json"
-        if not path.is_file():
+        path = self.side_file("config.json")
+        if path is None:
             raise usage_error(f"model '{self.ref}'", f"no config.json in {self.folder}",
                               "point the recipe at a transformers model folder")
         try:
@@ -65,10 +114,10 @@ class ModelSource:
 
     def _find_weights(self) -> dict[str, str]:
         for index_name, single_name in WEIGHT_LAYOUTS:
-            index = self._fetch(index_name)
+            index = self._get(index_name)
             if index is not None:
                 return self._read_index(index)
-            single = self._fetch(single_name)
+            single = self._get(single_name)
             if single is not None:
                 return dict.fromkeys(self._names_in(single_name), single_name)
         loose = sorted(p.name for p in self.folder.glob("*.safetensors"))
@@ -94,8 +143,13 @@ class ModelSource:
                     f"({filename!r})", "refusing to read it; the index is broken or hostile")
         return {str(k): str(v) for k, v in weight_map.items()}
 
-    def _file(self, filename: str) -> Path:
+    def _get(self, filename: str) -> Path | None:
+        """A file of the model, fetched if need be, and checked to lie inside its folder."""
         path = self._fetch(filename)
+        return None if path is None else inside(self.folder, path)
+
+    def _file(self, filename: str) -> Path:
+        path = self._get(filename)
         if path is None:
             raise merge_failure(f"model '{self.ref}'", f"shard {filename} is missing",
                                 "the download is incomplete; fetch the model again")
