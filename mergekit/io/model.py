@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import st_code
 from mergekit.io.hub import SMALL_FILES
-from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
+from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header, shown
 from mergekit.refs import ModelReference
 
 if TYPE_CHECKING:
@@ -137,10 +137,14 @@ class ModelSource:
                                 "fix or re-download the file")
         for name, filename in weight_map.items():
             p = Path(str(filename))
+            if not str(filename).isprintable():  # it would go into messages as it is
+                raise merge_failure(
+                    str(path), f"weight_map entry {shown(name)} names a file with control "
+                    f"characters ({shown(filename)})", "the index is broken or hostile")
             if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
                 raise merge_failure(
-                    str(path), f"weight_map entry {name!r} points outside the model folder "
-                    f"({filename!r})", "refusing to read it; the index is broken or hostile")
+                    str(path), f"weight_map entry {shown(name)} points outside the model folder "
+                    f"({shown(filename)})", "refusing to read it; the index is broken or hostile")
         return {str(k): str(v) for k, v in weight_map.items()}
 
     def _get(self, filename: str) -> Path | None:
@@ -151,7 +155,7 @@ class ModelSource:
     def _file(self, filename: str) -> Path:
         path = self._get(filename)
         if path is None:
-            raise merge_failure(f"model '{self.ref}'", f"shard {filename} is missing",
+            raise merge_failure(f"model '{self.ref}'", f"shard {shown(filename)} is missing",
                                 "the download is incomplete; fetch the model again")
         return path
 
@@ -173,19 +177,19 @@ class ModelSource:
     def info(self, name: str) -> TensorInfo:
         filename = self.weight_map.get(name)
         if filename is None:
-            raise merge_failure(f"model '{self.ref}'", f"has no tensor {name!r}",
+            raise merge_failure(f"model '{self.ref}'", f"has no tensor {shown(name)}",
                                 "check that the models share an architecture")
         if filename.endswith(".bin"):
             t = self._load_bin(filename).get(name)
             if t is None:
-                raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+                raise merge_failure(str(self.folder / filename), f"no tensor {shown(name)}",
                                     "the index and the shard disagree; re-download")
             nbytes = t.numel() * t.element_size()
             return TensorInfo(name, st_code(t.dtype), tuple(t.shape), self._file(filename), 0,
                               nbytes)
         info = self._header(filename).get(name)
         if info is None:
-            raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+            raise merge_failure(str(self.folder / filename), f"no tensor {shown(name)}",
                                 "the index and the shard disagree; re-download")
         return info
 
@@ -227,11 +231,12 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise merge_failure(
-            str(path), f"refused to unpickle: it holds more than plain tensors ({first[:200]})",
+            str(path), f"refused to unpickle: it holds more than plain tensors ({shown(first)})",
             "only load checkpoints you trust, or convert them to safetensors") from None
     except Exception as exc:  # noqa: BLE001
-        raise merge_failure(str(path), f"cannot load checkpoint ({type(exc).__name__}: {exc})",
-                            "the file is damaged; download it again") from None
+        raise merge_failure(
+            str(path), f"cannot load checkpoint ({type(exc).__name__}: {shown(str(exc))})",
+            "the file is damaged; download it again") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):

@@ -123,6 +123,23 @@ def test_index_pointing_outside_the_folder_is_refused(sharded, tmp_path, target)
     assert INDEX in str(err.value) and repr(target) in str(err.value)
 
 
+@pytest.mark.parametrize("filename", ["model\x1b[2J.safetensors", "a\nb.safetensors",
+                                      "bell\x07.safetensors"])
+def test_index_file_name_with_control_characters_is_refused(sharded, tmp_path, filename):
+    """Such a name would go into the error message as it is, and move the cursor or fake a
+    second line there."""
+    folder = tmp_path / "m"
+    shutil.copytree(sharded, folder)
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"]["lm_head.weight"] = filename
+    (folder / INDEX).write_text(json.dumps(index))
+    with pytest.raises(MergeError) as err, Opened(folder) as model:
+        model.info("lm_head.weight")
+    message = str(err.value)
+    assert INDEX in message and repr(filename) in message
+    assert not any(c in message for c in "\x1b\n\x07")
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"weight_map": []}', "{}"])
 def test_broken_index_is_refused(sharded, tmp_path, content):
     folder = tmp_path / "m"
