@@ -30,8 +30,8 @@ FORMAT = 1
 
 def fingerprint(provenance: dict[str, Any], plan_text: str) -> str:
     """sha256 of what decides the shards' bytes: the manifest's provenance (tool version,
-    recipe, options that change the result, inputs' revisions or file sizes and mtimes)
-    and the plan."""
+    recipe, options that change the result, inputs' revisions and files: sizes with sha256s,
+    or with modification times and sampled sha256s) and the plan."""
     data = {"provenance": provenance, "plan": plan_text}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
