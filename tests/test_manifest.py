@@ -165,3 +165,27 @@ def test_sampled_sha256_sees_a_change_at_either_end(tmp_path):
         assert (sampled_sha256(path, len(data)) != before) == seen, offset
     path.write_bytes(data + b"\0")
     assert sampled_sha256(path, len(data) + 1) != before
+
+
+def test_hash_inputs_hashes_the_bytes_even_with_a_download_record(llama_models, merge,
+                                                                  tmp_path):
+    """A file changed after `hf download` with its time set back keeps a record naming the old
+    sha256; --hash-inputs records what is read now."""
+    import os
+    import shutil
+
+    a = tmp_path / "downloaded"
+    shutil.copytree(llama_models[0], a)
+    lay_out_local_download(a, "c" * 40)
+    weights = a / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    out = merge({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(llama_models[1]), "parameters": {"weight": 1.0}}]}, hash_inputs=True)
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    files = {e["reference"]: e["files"] for e in data["inputs"]}
+    assert files[str(a)]["model.safetensors"]["sha256"] == sha256(weights)

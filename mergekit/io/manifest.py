@@ -21,11 +21,11 @@ def input_record(source: ModelSource, files: set[str], hash_files: bool = False
                  ) -> dict[str, Any]:
     """Revision and the files read, each with its size and:
 
-    - its sha256 where known without reading it: the hub cache names each large file by
-      its sha256, and a folder made by ``hf download --local-dir`` keeps each file's commit
-      and sha256 beside it;
-    - else with ``hash_files``, its sha256 (read from all files once more: measured, that
-      adds about 70% to a linear merge);
+    - with ``hash_files``, its sha256, read from the bytes there now (all files once more:
+      measured, that adds about 70% to a linear merge);
+    - else its sha256 where known without reading it: the hub cache names each large file
+      by its sha256, and a folder made by ``hf download --local-dir`` keeps each file's
+      commit and sha256 beside it;
     - else ``mtime_ns`` and ``sampled_sha256`` (see ``sampled_sha256``), so that a file
       rewritten in place with the same size and time still changes the record, and a
       resumed merge starts over instead of mixing shards of the old file into the output."""
@@ -45,12 +45,12 @@ def input_record(source: ModelSource, files: set[str], hash_files: bool = False
         if download is not None:
             commits.add(download[0])
         blob = path.resolve().name
-        if _SHA256.match(blob):
+        if hash_files:
+            entry["sha256"] = file_sha256(path)
+        elif _SHA256.match(blob):
             entry["sha256"] = blob
         elif download is not None and _SHA256.match(download[1]):
             entry["sha256"] = download[1]
-        elif hash_files:
-            entry["sha256"] = file_sha256(path)
         else:
             entry["mtime_ns"] = stat.st_mtime_ns
             entry["sampled_sha256"] = sampled_sha256(path, stat.st_size)
