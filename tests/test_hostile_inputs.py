@@ -193,7 +193,7 @@ def test_link_out_of_the_model_folder_is_not_copied(name, target, tmp_path, llam
     proc = run_merge_with(tmp_path, llama_models[1], bad)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {bad / name}: leads outside the model folder {bad} "
-                                  f"(to {target.resolve()})")
+                                  f"(to '{target.resolve()}')")
 
 
 def test_model_folder_that_is_a_link_merges(tmp_path, llama_models):

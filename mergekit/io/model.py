@@ -43,7 +43,8 @@ def inside(folder: Path, path: Path) -> Path:
     if (root.parent.name == "snapshots" and repo.name.startswith("models--")
             and target.is_relative_to(repo / "blobs")):
         return path
-    raise usage_error(str(path), f"leads outside the model folder {root} (to {target})",
+    raise usage_error(str(path), f"leads outside the model folder {root} "
+                      f"(to {shown(str(target))})",
                       "refusing to read it; replace the link by the file itself")
 
 
@@ -121,6 +122,10 @@ class ModelSource:
             if single is not None:
                 return dict.fromkeys(self._names_in(single_name), single_name)
         loose = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        for name in loose:
+            if not name.isprintable():  # it would go into messages as it is
+                raise usage_error(f"model '{self.ref}'", f"a weight file's name has control "
+                                  f"characters ({shown(name)})", "rename the file")
         if loose:
             return {n: f for f in loose for n in self._names_in(f)}
         raise usage_error(f"model '{self.ref}'", f"no weights found in {self.folder}",

@@ -314,6 +314,23 @@ def test_link_leading_outside_is_refused_on_opening(llama_models, tmp_path, name
     assert str(tmp_path / "elsewhere") in str(err.value)
 
 
+def test_link_target_and_loose_file_names_are_escaped(llama_models, tmp_path):
+    """A link's target and a weight file's name come from the folder (a git clone): control
+    characters in them are escaped in the message."""
+    folder = tmp_path / "m"
+    shutil.copytree(llama_models[0], folder)
+    (folder / "tokenizer.json").symlink_to("/tmp/\x1b[2Jx\x07")
+    with pytest.raises(MergeError) as err, Opened(folder):
+        pass
+    assert "(to '/tmp/\\x1b[2Jx\\x07')" in str(err.value) and "\x1b" not in str(err.value)
+    (folder / "tokenizer.json").unlink()
+    (folder / "model.safetensors").rename(folder / "a\x1b[2J.safetensors")
+    with pytest.raises(MergeError) as err, Opened(folder):
+        pass
+    assert "'a\\x1b[2J.safetensors'" in str(err.value) and "\x1b" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
 def test_link_to_a_shard_or_index_outside_is_refused(sharded, tmp_path):
     for name in (INDEX, sorted(set(weight_map(sharded).values()))[1]):
         folder = tmp_path / name / "m"
