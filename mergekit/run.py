@@ -217,7 +217,7 @@ def _artifacts(
     """The output's files besides the weights, resolved and checked."""
     from mergekit.io.card import model_card
 
-    generation = sources[plan.config_model].folder / artifacts.GENERATION_CONFIG
+    generation = sources[plan.config_model].side_file(artifacts.GENERATION_CONFIG)
     tokenizer = None
     if options.copy_tokenizer:
         folder = _tokenizer_folder(config, plan, sources, options)
@@ -231,7 +231,7 @@ def _artifacts(
     return artifacts.resolve_artifacts(
         config=artifacts.output_config(sources, plan),
         recipe_yaml=config.to_yaml(),
-        generation_config=generation if generation.is_file() else None,
+        generation_config=generation,
         tokenizer=tokenizer,
         chat_template=config.chat_template,
         input_folders=[s.folder for s in sources.values()],

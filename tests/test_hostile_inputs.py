@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, write_recipe
+from hostile import assert_nothing_partial, tree_digest
 
 
 def _split(path: Path) -> tuple[dict, bytes]:
@@ -71,8 +72,30 @@ def shape_mismatch(header: dict, data: bytes) -> bytes:
     return _join(header, data)
 
 
+def duplicate_name(header: dict, data: bytes) -> bytes:
+    a, _ = _first_two(header)
+    text = json.dumps(header)[:-1] + f", {json.dumps(a)}: {json.dumps(header[a])}}}"
+    return struct.pack("<Q", len(text)) + text.encode() + data
+
+
+def trailing_bytes(header: dict, data: bytes) -> bytes:
+    return _join(header, data + b"\0" * 8)
+
+
+def metadata_not_strings(header: dict, data: bytes) -> bytes:
+    header["__metadata__"] = {"format": ["pt"]}
+    return _join(header, data)
+
+
+def empty_with_huge_dimension(header: dict, data: bytes) -> bytes:
+    header["model.layers.0.extra"] = {"dtype": "F32", "shape": [0, 2**62],
+                                      "data_offsets": [0, 0]}
+    return _join(header, data)
+
+
 CASES = [truncated, header_too_long, header_not_json, overlapping, hole, past_end,
-         unknown_dtype, shape_mismatch]
+         unknown_dtype, shape_mismatch, duplicate_name, trailing_bytes, metadata_not_strings,
+         empty_with_huge_dimension]
 
 
 def run_merge_with(tmp_path: Path, good: Path, bad: Path):
@@ -80,11 +103,13 @@ def run_merge_with(tmp_path: Path, good: Path, bad: Path):
         {"model": str(good), "parameters": {"weight": 1.0}},
         {"model": str(bad), "parameters": {"weight": 1.0}}]})
     out = tmp_path / "out"
+    before = [tree_digest(tmp_path), tree_digest(good)]
     proc = run_cli("mergekit.cli.yaml_cmd", recipe, out, "-q")
     assert proc.returncode in (1, 2), proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-    assert not out.exists()
-    assert not (tmp_path / ".out.partial").exists()
+    assert proc.stderr.count("\n") == 1 and "\x1b" not in proc.stderr
+    assert [tree_digest(tmp_path), tree_digest(good)] == before
+    assert_nothing_partial(out)
     return proc
 
 
@@ -149,3 +174,38 @@ def test_no_command_takes_a_token_on_the_command_line():
         assert proc.returncode == 0
         assert "--token" not in proc.stdout and "--hf-token" not in proc.stdout
         assert "--trust-remote-code" not in proc.stdout or "off by default" in proc.stdout
+
+
+@pytest.mark.parametrize("name,target", [("tokenizer.json", None),
+                                         ("generation_config.json", "/etc/passwd")])
+def test_link_out_of_the_model_folder_is_not_copied(name, target, tmp_path, llama_models):
+    """A git clone may carry links; the file they lead to must not end up in OUT (which
+    users upload), nor pass mergekit-verify."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"api_key": "do-not-upload"}')
+    target = Path(target) if target else secret
+    if not target.is_file():
+        pytest.skip(f"no {target} here")
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_models[0], bad)
+    (bad / name).unlink(missing_ok=True)
+    (bad / name).symlink_to(target)
+    proc = run_merge_with(tmp_path, llama_models[1], bad)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {bad / name}: leads outside the model folder {bad} "
+                                  f"(to '{target.resolve()}')")
+
+
+def test_model_folder_that_is_a_link_merges(tmp_path, llama_models):
+    real = tmp_path / "data" / "a"
+    shutil.copytree(llama_models[0], real)
+    (real / "tokenizer.json").write_text('{"from": "a"}')
+    link = tmp_path / "models" / "a"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(link), "parameters": {"weight": 1.0}},
+        {"model": str(llama_models[1]), "parameters": {"weight": 1.0}}]})
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"from": "a"}'

@@ -41,7 +41,7 @@ def test_hash_inputs_records_local_file_sha256(llama_models, merge):
     files = {e["reference"]: e["files"] for e in data["inputs"]}
     assert files[str(b)]["model.safetensors"]["sha256"] == sha256(b / "model.safetensors")
     assert files[str(a)]["config.json"]["sha256"] == sha256(a / "config.json")
-    assert "mtime" not in files[str(a)]["model.safetensors"]
+    assert "mtime_ns" not in files[str(a)]["model.safetensors"]
 
 
 def lay_out_local_download(folder, commit):
@@ -71,10 +71,10 @@ def test_local_download_folder_records_commit_and_sha256_without_hashing(
     files = inputs[str(a)]["files"]
     assert files["model.safetensors"]["sha256"] == sha256(a / "model.safetensors")
     # config.json's etag is a git hash, not a sha256: identified by its time instead
-    assert "sha256" not in files["config.json"] and "mtime" in files["config.json"]
+    assert "sha256" not in files["config.json"] and "mtime_ns" in files["config.json"]
     # the other input is a plain folder: no revision, files by size and time
     other = inputs[str(llama_models[1])]
-    assert "revision" not in other and "mtime" in other["files"]["model.safetensors"]
+    assert "revision" not in other and "mtime_ns" in other["files"]["model.safetensors"]
 
 
 def test_local_download_record_is_ignored_once_the_file_changed(llama_models, tmp_path):
@@ -106,3 +106,60 @@ def test_manifest_lists_every_other_file_with_its_sha256(llama_models, merge):
             "model.safetensors.index.json"} <= set(data["files"])
     for name, entry in data["files"].items():
         assert entry == {"size": (out / name).stat().st_size, "sha256": sha256(out / name)}
+
+
+def test_plain_file_is_recorded_by_time_in_ns_and_sampled_sha256(llama_models, merge):
+    a, b, _ = llama_models
+    out = merge({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(b), "parameters": {"weight": 1.0}}]})
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    files = {e["reference"]: e["files"] for e in data["inputs"]}
+    weights = b / "model.safetensors"
+    raw = weights.read_bytes()
+    assert len(raw) < 2**20  # the sample is the whole file
+    assert files[str(b)]["model.safetensors"] == {
+        "size": len(raw), "mtime_ns": weights.stat().st_mtime_ns,
+        "sampled_sha256": hashlib.sha256(len(raw).to_bytes(8, "little") + raw).hexdigest()}
+
+
+def test_sampled_sha256_sees_a_change_at_either_end(tmp_path):
+    from mergekit.io.manifest import sampled_sha256
+
+    mib = 2**20
+    path = tmp_path / "f"
+    data = bytes(range(256)) * (3 * mib // 256)
+    path.write_bytes(data)
+    before = sampled_sha256(path, len(data))
+    for offset, seen in [(0, True), (mib - 1, True), (mib, False), (2 * mib - 1, False),
+                         (2 * mib, True), (3 * mib - 1, True)]:
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        path.write_bytes(changed)
+        assert (sampled_sha256(path, len(data)) != before) == seen, offset
+    path.write_bytes(data + b"\0")
+    assert sampled_sha256(path, len(data) + 1) != before
+
+
+def test_hash_inputs_hashes_the_bytes_even_with_a_download_record(llama_models, merge,
+                                                                  tmp_path):
+    """A file changed after `hf download` with its time set back keeps a record naming the old
+    sha256; --hash-inputs records what is read now."""
+    import os
+    import shutil
+
+    a = tmp_path / "downloaded"
+    shutil.copytree(llama_models[0], a)
+    lay_out_local_download(a, "c" * 40)
+    weights = a / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    out = merge({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(llama_models[1]), "parameters": {"weight": 1.0}}]}, hash_inputs=True)
+    data = json.loads((out / "mergekit_manifest.json").read_text())
+    files = {e["reference"]: e["files"] for e in data["inputs"]}
+    assert files[str(a)]["model.safetensors"]["sha256"] == sha256(weights)

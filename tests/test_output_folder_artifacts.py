@@ -127,3 +127,16 @@ def test_good_artifacts_are_written_after_the_weights(tmp_path, llama_models):
     assert config == {"marker": "tok", "chat_template": "{{ messages }}"}
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (out / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_source_linking_outside_its_folder(tmp_path, llama_models, weights_read):
+    """A tokenizer folder that is no input of the merge is checked before any weight is
+    read: a link to a file elsewhere is refused, and its content goes nowhere."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    tok = tokenizer_folder(tmp_path / "tok", "{}")
+    (tok / "tokenizer.json").unlink()
+    (tok / "tokenizer.json").symlink_to(secret)
+    recipe = {**linear_recipe(llama_models), "tokenizer_source": str(tok)}
+    message = refused(tmp_path, recipe, weights_read)
+    assert "tokenizer.json" in message and "outside" in message

@@ -283,6 +283,43 @@ def test_changed_input_starts_over(tmp_path, llama_models, monkeypatch, logs):
     assert "the recipe, options or inputs changed" in logs.text
 
 
+def test_input_rewritten_with_same_size_and_time_starts_over(tmp_path, llama_models,
+                                                             monkeypatch, logs):
+    """The fingerprint held the size and the time in whole seconds: an input rewritten in
+    place, its time set back, resumed with shards of the old bytes in the output."""
+    from safetensors import safe_open
+
+    from mergekit.io.safetensors_file import read_header
+
+    models = [shutil.copytree(m, tmp_path / m.name) for m in llama_models[:2]]
+    out = tmp_path / "out"
+    fail_in_shard(monkeypatch, 1)
+    with pytest.raises(Boom):
+        merge_in_process(linear_recipe(models), out, out_shard_size=SHARD)
+    monkeypatch.undo()
+    kept = partial(out) / "model-00001-of-00003.safetensors"
+    with safe_open(kept, "pt") as f:
+        name = next(iter(f.keys()))  # a tensor of the finished shard
+    weights = models[1] / "model.safetensors"
+    info = read_header(weights)[name]
+    assert info.end <= 2**20 and info.dtype == "F32"  # within the first MiB
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(info.start)
+        values = torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=torch.float32)
+        f.seek(info.start)
+        f.write((values * -2 + 1).numpy().tobytes())
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size,
+                                                                    stat.st_mtime_ns)
+    merge_in_process(linear_recipe(models), out, out_shard_size=SHARD)
+    assert "the recipe, options or inputs changed" in logs.text
+    assert "resuming" not in logs.text
+    fresh = tmp_path / "fresh" / "out"
+    merge_in_process(linear_recipe(models), fresh, out_shard_size=SHARD)
+    assert files(out) == files(fresh)
+
+
 def test_torn_journal_line_is_ignored(interrupted, llama_models, baseline, logs):
     journal = partial(interrupted) / "mergekit_journal.jsonl"
     with open(journal, "a") as f:

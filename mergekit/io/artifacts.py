@@ -18,7 +18,7 @@ from mergekit.architecture import LAYER_COUNT_KEYS, embedding_name
 from mergekit.chat_templates import template_text
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import ST_DTYPES
-from mergekit.io.model import ModelSource
+from mergekit.io.model import ModelSource, side_file
 from mergekit.io.output_folder import writing
 
 if TYPE_CHECKING:
@@ -88,8 +88,9 @@ def _layer_type(config: dict[str, Any], layer: int, fallback: list[Any]) -> Any:
 
 
 def tokenizer_files(folder: Path) -> dict[str, Path]:
-    """The tokenizer files in ``folder``, by name."""
-    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+    """The tokenizer files in ``folder``, by name (each checked by ``side_file``)."""
+    return {name: path for name in TOKENIZER_FILES
+            if (path := side_file(folder, name)) is not None}
 
 
 def resolve_artifacts(
@@ -160,11 +161,11 @@ def _auto_template(folders: Sequence[Path]) -> str | None:
 def _template_of(folder: Path) -> str | None:
     """The chat template a model folder carries: chat_template.jinja, else the
     tokenizer config's ``chat_template``."""
-    jinja = folder / CHAT_TEMPLATE
-    if jinja.is_file():
+    jinja = side_file(folder, CHAT_TEMPLATE)
+    if jinja is not None:
         return _read_text(jinja)
-    path = folder / TOKENIZER_CONFIG
-    if not path.is_file():
+    path = side_file(folder, TOKENIZER_CONFIG)
+    if path is None:
         return None
     value = read_json_object(path).get("chat_template")
     if value is not None and not isinstance(value, str):

@@ -31,8 +31,9 @@ FORMAT = 1
 def fingerprint(provenance: dict[str, Any], plan_text: str) -> str:
     """sha256 of what decides the shards' bytes: ``provenance`` (tool version, the recipe
     less what decides only the files beside the weights, options that change the shards,
-    inputs' revisions or file sizes and mtimes) and the plan. The tokenizer, chat template
-    and model card are left out: changing them keeps the finished shards."""
+    inputs' revisions and files: sizes with sha256s, or with modification times and
+    sampled sha256s) and the plan. The tokenizer, chat template and model card are left
+    out: changing them keeps the finished shards."""
     data = {"provenance": provenance, "plan": plan_text}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.dtypes import st_code
-from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
+from mergekit.io.hub import SMALL_FILES
+from mergekit.io.safetensors_file import SafetensorsReader, TensorInfo, read_header, shown
 from mergekit.refs import ModelReference
 
 if TYPE_CHECKING:
@@ -20,6 +23,37 @@ WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
+
+
+def inside(folder: Path, path: Path) -> Path:
+    """``path``, after checking that it leads to a file inside ``folder`` once every link
+    is followed (the folder's own links first: it may be a link itself). A hub cache
+    snapshot (``models--org--name/snapshots/<rev>``) may also lead into that repository's
+    ``blobs/``. Anything else is refused: a link in a git clone must not copy a file from
+    elsewhere into the output, which users upload."""
+    try:
+        root = folder.resolve()
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop, before Python 3.13
+        raise usage_error(str(path), f"cannot follow its links ({exc})",
+                          "replace the link by the file itself") from None
+    if target.is_relative_to(root):
+        return path
+    repo = root.parent.parent
+    if (root.parent.name == "snapshots" and repo.name.startswith("models--")
+            and target.is_relative_to(repo / "blobs")):
+        return path
+    raise usage_error(str(path), f"leads outside the model folder {root} "
+                      f"(to {shown(str(target))})",
+                      "refusing to read it; replace the link by the file itself")
+
+
+def side_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it is a file inside the folder (see ``inside``), None when there
+    is no such file; the one way to find a file besides the weights (config, tokenizer,
+    generation config, chat template)."""
+    path = folder / name
+    return inside(folder, path) if path.is_file() else None
 
 
 class ModelSource:
@@ -38,6 +72,7 @@ class ModelSource:
         self._reader = reader
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._check_small_files()
         self.config = self._load_config()
         self.weight_map = self._find_weights()  # tensor name -> weight file name
 
@@ -49,9 +84,24 @@ class ModelSource:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def side_file(self, name: str) -> Path | None:
+        """The file ``name`` beside the weights, or None (see ``side_file``)."""
+        return side_file(self.folder, name)
+
+    def _check_small_files(self) -> None:
+        """Refuse, as the model is opened and before any weight is read, a config, tokenizer,
+        template or index file in the folder that is a link leading outside it."""
+        try:
+            links = [e.name for e in os.scandir(self.folder) if e.is_symlink()]
+        except OSError:
+            return  # reported as a missing config.json
+        for name in links:
+            if any(fnmatch(name, pattern) for pattern in SMALL_FILES):
+                inside(self.folder, self.folder / name)
+
     def _load_config(self) -> dict[str, Any]:
-        path = self.folder / "config.json"
-        if not path.is_file():
+        path = self.side_file("config.json")
+        if path is None:
             raise usage_error(f"model '{self.ref}'", f"no config.json in {self.folder}",
                               "point the recipe at a transformers model folder")
         try:
@@ -65,13 +115,17 @@ class ModelSource:
 
     def _find_weights(self) -> dict[str, str]:
         for index_name, single_name in WEIGHT_LAYOUTS:
-            index = self._fetch(index_name)
+            index = self._get(index_name)
             if index is not None:
                 return self._read_index(index)
-            single = self._fetch(single_name)
+            single = self._get(single_name)
             if single is not None:
                 return dict.fromkeys(self._names_in(single_name), single_name)
         loose = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        for name in loose:
+            if not name.isprintable():  # it would go into messages as it is
+                raise usage_error(f"model '{self.ref}'", f"a weight file's name has control "
+                                  f"characters ({shown(name)})", "rename the file")
         if loose:
             return {n: f for f in loose for n in self._names_in(f)}
         raise usage_error(f"model '{self.ref}'", f"no weights found in {self.folder}",
@@ -88,16 +142,25 @@ class ModelSource:
                                 "fix or re-download the file")
         for name, filename in weight_map.items():
             p = Path(str(filename))
+            if not str(filename).isprintable():  # it would go into messages as it is
+                raise merge_failure(
+                    str(path), f"weight_map entry {shown(name)} names a file with control "
+                    f"characters ({shown(filename)})", "the index is broken or hostile")
             if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
                 raise merge_failure(
-                    str(path), f"weight_map entry {name!r} points outside the model folder "
-                    f"({filename!r})", "refusing to read it; the index is broken or hostile")
+                    str(path), f"weight_map entry {shown(name)} points outside the model folder "
+                    f"({shown(filename)})", "refusing to read it; the index is broken or hostile")
         return {str(k): str(v) for k, v in weight_map.items()}
 
-    def _file(self, filename: str) -> Path:
+    def _get(self, filename: str) -> Path | None:
+        """A file of the model, fetched if need be, and checked to lie inside its folder."""
         path = self._fetch(filename)
+        return None if path is None else inside(self.folder, path)
+
+    def _file(self, filename: str) -> Path:
+        path = self._get(filename)
         if path is None:
-            raise merge_failure(f"model '{self.ref}'", f"shard {filename} is missing",
+            raise merge_failure(f"model '{self.ref}'", f"shard {shown(filename)} is missing",
                                 "the download is incomplete; fetch the model again")
         return path
 
@@ -119,19 +182,19 @@ class ModelSource:
     def info(self, name: str) -> TensorInfo:
         filename = self.weight_map.get(name)
         if filename is None:
-            raise merge_failure(f"model '{self.ref}'", f"has no tensor {name!r}",
+            raise merge_failure(f"model '{self.ref}'", f"has no tensor {shown(name)}",
                                 "check that the models share an architecture")
         if filename.endswith(".bin"):
             t = self._load_bin(filename).get(name)
             if t is None:
-                raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+                raise merge_failure(str(self.folder / filename), f"no tensor {shown(name)}",
                                     "the index and the shard disagree; re-download")
             nbytes = t.numel() * t.element_size()
             return TensorInfo(name, st_code(t.dtype), tuple(t.shape), self._file(filename), 0,
                               nbytes)
         info = self._header(filename).get(name)
         if info is None:
-            raise merge_failure(str(self.folder / filename), f"no tensor {name!r}",
+            raise merge_failure(str(self.folder / filename), f"no tensor {shown(name)}",
                                 "the index and the shard disagree; re-download")
         return info
 
@@ -173,11 +236,12 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise merge_failure(
-            str(path), f"refused to unpickle: it holds more than plain tensors ({first[:200]})",
+            str(path), f"refused to unpickle: it holds more than plain tensors ({shown(first)})",
             "only load checkpoints you trust, or convert them to safetensors") from None
     except Exception as exc:  # noqa: BLE001
-        raise merge_failure(str(path), f"cannot load checkpoint ({type(exc).__name__}: {exc})",
-                            "the file is damaged; download it again") from None
+        raise merge_failure(
+            str(path), f"cannot load checkpoint ({type(exc).__name__}: {shown(str(exc))})",
+            "the file is damaged; download it again") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):

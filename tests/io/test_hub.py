@@ -204,3 +204,25 @@ def test_missing_repo_error_names_the_cache_given(tmp_path):
                    env=offline_env(None, tmp_path / "home"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "org/nothere" in proc.stderr and str(cache) in proc.stderr
+
+
+def test_hash_inputs_hashes_the_blob_not_its_name(hub, tmp_path):
+    """A hub cache file was recorded under its blob's name (the sha256 it had when
+    downloaded) even with --hash-inputs; after the blob is damaged, the manifest must show
+    the bytes actually read."""
+    snapshot = hub / "models--org--beta" / "snapshots" / BETA_COMMIT
+    shard = snapshot / "model-00001-of-00002.safetensors"
+    blob = shard.resolve()
+    header_len = int.from_bytes(blob.read_bytes()[:8], "little")
+    data = bytearray(blob.read_bytes())
+    data[8 + header_len] ^= 0x01  # a weight's lowest bit: still a valid file
+    blob.write_bytes(bytes(data))
+    recipe = write_recipe(tmp_path / "r.yml", linear(["org/alpha", "org/beta"]))
+    out = tmp_path / "out"
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, out, "--quiet", "--hash-inputs",
+                   env=offline_env(hub, tmp_path / "home"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "mergekit_manifest.json").read_text())
+    files = {e["reference"]: e["files"] for e in manifest["inputs"]}
+    recorded = files["org/beta"][shard.name]["sha256"]
+    assert recorded == hashlib.sha256(bytes(data)).hexdigest() != blob.name

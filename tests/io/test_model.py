@@ -123,6 +123,23 @@ def test_index_pointing_outside_the_folder_is_refused(sharded, tmp_path, target)
     assert INDEX in str(err.value) and repr(target) in str(err.value)
 
 
+@pytest.mark.parametrize("filename", ["model\x1b[2J.safetensors", "a\nb.safetensors",
+                                      "bell\x07.safetensors"])
+def test_index_file_name_with_control_characters_is_refused(sharded, tmp_path, filename):
+    """Such a name would go into the error message as it is, and move the cursor or fake a
+    second line there."""
+    folder = tmp_path / "m"
+    shutil.copytree(sharded, folder)
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"]["lm_head.weight"] = filename
+    (folder / INDEX).write_text(json.dumps(index))
+    with pytest.raises(MergeError) as err, Opened(folder) as model:
+        model.info("lm_head.weight")
+    message = str(err.value)
+    assert INDEX in message and repr(filename) in message
+    assert not any(c in message for c in "\x1b\n\x07")
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"weight_map": []}', "{}"])
 def test_broken_index_is_refused(sharded, tmp_path, content):
     folder = tmp_path / "m"
@@ -268,3 +285,143 @@ def test_damaged_bin(llama_models, tmp_path):
     with pytest.raises(MergeError) as err, Opened(tmp_path / "m"):
         pass
     assert str(bin_path) in str(err.value)
+
+
+# ---- links leading outside the folder ------------------------------------------------------
+
+
+def linked_folder(src: Path, tmp_path: Path, name: str, target: Path) -> Path:
+    """A copy of ``src`` whose ``name`` is a link to ``target`` (outside the copy)."""
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    if (folder / name).exists():
+        shutil.move(folder / name, target)  # the real file: refusing is the only defence
+    else:
+        target.write_text('{"secret": "not for the output"}')
+    (folder / name).symlink_to(target)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "generation_config.json",
+                                  "tokenizer.json", "tokenizer_config.json",
+                                  "chat_template.jinja", "vocab.txt", "tokenizer.model"])
+def test_link_leading_outside_is_refused_on_opening(llama_models, tmp_path, name):
+    folder = linked_folder(llama_models[0], tmp_path, name, tmp_path / "elsewhere")
+    with pytest.raises(MergeError) as err, Opened(folder):
+        pass
+    assert err.value.exit_code == 2
+    assert str(folder / name) in str(err.value) and "outside the model folder" in str(err.value)
+    assert str(tmp_path / "elsewhere") in str(err.value)
+
+
+def test_link_target_and_loose_file_names_are_escaped(llama_models, tmp_path):
+    """A link's target and a weight file's name come from the folder (a git clone): control
+    characters in them are escaped in the message."""
+    folder = tmp_path / "m"
+    shutil.copytree(llama_models[0], folder)
+    (folder / "tokenizer.json").symlink_to("/tmp/\x1b[2Jx\x07")
+    with pytest.raises(MergeError) as err, Opened(folder):
+        pass
+    assert "(to '/tmp/\\x1b[2Jx\\x07')" in str(err.value) and "\x1b" not in str(err.value)
+    (folder / "tokenizer.json").unlink()
+    (folder / "model.safetensors").rename(folder / "a\x1b[2J.safetensors")
+    with pytest.raises(MergeError) as err, Opened(folder):
+        pass
+    assert "'a\\x1b[2J.safetensors'" in str(err.value) and "\x1b" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_link_to_a_shard_or_index_outside_is_refused(sharded, tmp_path):
+    for name in (INDEX, sorted(set(weight_map(sharded).values()))[1]):
+        folder = tmp_path / name / "m"
+        shutil.copytree(sharded, folder)
+        shutil.move(folder / name, tmp_path / name / "x")
+        (folder / name).symlink_to(Path("..") / "x")  # relative, as git stores it
+        with pytest.raises(MergeError, match="outside the model folder") as err:
+            with Opened(folder) as model:
+                for tensor in model.names:
+                    model.info(tensor)
+        assert str(folder / name) in str(err.value) and err.value.exit_code == 2
+
+
+def test_links_that_stay_inside_are_followed(llama_models, tmp_path):
+    """Links within the folder are fine, and so is a folder that is itself a link: it is
+    resolved first, and its files must lie inside what it leads to."""
+    real = tmp_path / "data" / "m"
+    shutil.copytree(llama_models[0], real)
+    (real / "sub").mkdir()
+    (real / "sub" / "tok.json").write_text("{}")
+    (real / "tokenizer.json").symlink_to(Path("sub") / "tok.json")
+    (real / "tokenizer_config.json").symlink_to(Path("..") / "m" / "sub" / "tok.json")
+    shutil.move(real / "model.safetensors", real / "sub" / "weights")
+    (real / "model.safetensors").symlink_to(real / "sub" / "weights")  # absolute
+    link = tmp_path / "models" / "m"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    expected = load_state(llama_models[0])
+    with Opened(link) as model:
+        assert set(model.names) == set(expected)
+        name = next(iter(expected))
+        assert torch.equal(model.read(name), expected[name])
+        assert model.side_file("tokenizer.json") == link / "tokenizer.json"
+        assert model.side_file("tokenizer_config.json") == link / "tokenizer_config.json"
+        assert model.side_file("special_tokens_map.json") is None
+    # the same link one level up leads outside the folder the link resolves to
+    (real / "tokenizer.json").unlink()
+    (tmp_path / "data" / "tok.json").write_text("{}")
+    (real / "tokenizer.json").symlink_to(Path("..") / "tok.json")
+    with pytest.raises(MergeError, match="outside"), Opened(link):
+        pass
+
+
+def hub_snapshot(cache: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """models--org--name/snapshots/<rev>/ with each file a link into blobs/, as the hub
+    cache lays it out."""
+    import hashlib
+
+    root = cache / f"models--org--{repo}"
+    snapshot = root / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return snapshot
+
+
+def test_hub_snapshot_may_lead_only_into_its_own_blobs(llama_models, tmp_path):
+    src = llama_models[0]
+    files = {n: (src / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    snapshot = hub_snapshot(tmp_path / "hub", "alpha", files)
+    with Opened(snapshot) as model:
+        assert model.side_file("config.json") == snapshot / "config.json"
+        assert model.info(next(iter(model.names))).file == snapshot / "model.safetensors"
+    # a link into another repository's blobs, or a blob that is itself a link elsewhere
+    other = hub_snapshot(tmp_path / "hub", "beta", {"tokenizer.json": b"{}"})
+    (snapshot / "tokenizer.json").symlink_to(other / "tokenizer.json")
+    with pytest.raises(MergeError, match="outside"), Opened(snapshot):
+        pass
+    (snapshot / "tokenizer.json").unlink()
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    blob = snapshot.parent.parent / "blobs" / ("e" * 64)
+    blob.symlink_to(secret)
+    (snapshot / "tokenizer.json").symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    with pytest.raises(MergeError, match="outside"), Opened(snapshot):
+        pass
+
+
+def test_side_file_outside_a_tokenizer_folder_is_refused(llama_models, tmp_path):
+    """A tokenizer folder that is no input of the merge (tokenizer_source) is checked where
+    its files are found."""
+    from mergekit.io.artifacts import tokenizer_files
+    from mergekit.io.model import side_file
+
+    folder = linked_folder(llama_models[0], tmp_path, "tokenizer.json", tmp_path / "secret")
+    assert side_file(folder, "nothing.json") is None
+    (folder / "dangling.json").symlink_to(tmp_path / "nowhere")
+    assert side_file(folder, "dangling.json") is None
+    with pytest.raises(MergeError, match="outside") as err:
+        tokenizer_files(folder)
+    assert err.value.exit_code == 2

@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit.errors import MergeError
-from mergekit.io.safetensors_file import PREFETCH_STEP, SafetensorsReader, read_header
+from mergekit.io.safetensors_file import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_TENSORS,
+    PREFETCH_STEP,
+    SafetensorsReader,
+    read_header,
+)
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -193,6 +199,10 @@ HOSTILE = {
     "bad_shape": ({"a": entry("F32", [-4], 0, 16)}, 16),
     "entry_not_object": ({"a": [1, 2]}, 16),
     "not_an_object": ([1, 2, 3], 0),
+    "trailing_bytes": ({"a": entry("F32", [4], 0, 16)}, 20),
+    "metadata_not_strings": ({"__metadata__": {"format": 1}, "a": entry("F32", [1], 0, 4)}, 4),
+    "metadata_not_a_map": ({"__metadata__": ["pt"], "a": entry("F32", [1], 0, 4)}, 4),
+    "too_many_dims": ({"a": entry("F32", [1] * 33, 0, 4)}, 4),
 }
 
 
@@ -204,6 +214,120 @@ def test_hostile_header_is_refused_naming_the_file(tmp_path, case):
     with pytest.raises(MergeError) as err:
         read_header(path)
     assert str(path) in str(err.value)
+
+
+def raw_entry(name: str, begin: int, end: int) -> str:
+    return f'"{name}": {{"dtype": "F32", "shape": [{(end - begin) // 4}], ' \
+           f'"data_offsets": [{begin}, {end}]}}'
+
+
+@pytest.mark.parametrize("second", [(0, 4), (4, 8)])
+def test_duplicate_tensor_name_is_refused(tmp_path, second):
+    """JSON lets the last entry of a name win; the official reader takes that silently when
+    both entries have the same bytes. Refused either way."""
+    raw = "{" + raw_entry("a", 0, 4) + ", " + raw_entry("a", *second) + "}"
+    path = write_raw(tmp_path / "dup.safetensors", raw.encode(), b"\0" * second[1])
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    assert str(path) in str(err.value) and "'a' twice" in str(err.value)
+
+
+def test_duplicate_field_in_an_entry_is_refused(tmp_path):
+    raw = b'{"a": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}'
+    path = write_raw(tmp_path / "dupfield.safetensors", raw, b"\0" * 4)
+    with pytest.raises(MergeError, match="dupfield.safetensors.*'dtype' twice"):
+        read_header(path)
+
+
+def test_null_metadata_is_no_metadata(tmp_path):
+    """As the official reader has it."""
+    path = write_raw(tmp_path / "m.safetensors",
+                     {"__metadata__": None, "a": entry("F32", [1], 0, 4)}, b"\0" * 4)
+    assert list(read_header(path)) == ["a"]
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_empty_tensor_with_a_huge_dimension_is_refused(tmp_path, dtype):
+    """[0, 2**62] has no bytes, so its byte range checks out, but numpy cannot make it."""
+    path = write_raw(tmp_path / "huge_dim.safetensors",
+                     {"ok": entry(dtype, [0, 2**40], 0, 0),
+                      "evil\x1b[2J": entry(dtype, [0, 2**62, 4], 0, 0)}, b"")
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    message = str(err.value)
+    assert str(path) in message and "'evil\\x1b[2J'" in message and "too large" in message
+    assert "\x1b" not in message
+    # the one it allows can be made, as numpy and torch read it
+    path = write_raw(tmp_path / "ok.safetensors", {"ok": entry(dtype, [0, 2**40], 0, 0)}, b"")
+    info = read_header(path)["ok"]
+    reader = SafetensorsReader()
+    try:
+        assert reader.read(info).shape == (0, 2**40)
+        assert reader.read_array(info).shape == (0, 2**40)
+    finally:
+        reader.close()
+
+
+def test_too_many_entries_are_refused(tmp_path):
+    """A million empty tensors took a GB and 25 s to read; one past the limit is refused,
+    naming the file."""
+    entries = ", ".join(raw_entry(f"t{i}", 0, 0) for i in range(MAX_HEADER_TENSORS + 1))
+    path = write_raw(tmp_path / "many.safetensors", ("{" + entries + "}").encode(), b"")
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+    assert f"more than {MAX_HEADER_TENSORS} tensors" in str(err.value)
+
+
+def test_header_over_the_format_limit_is_refused_by_that_limit(tmp_path):
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{")
+        f.truncate(MAX_HEADER_BYTES + 64)  # sparse: takes no disk space
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    assert str(path) in str(err.value) and "over the format's limit" in str(err.value)
+
+
+OUT_OF_MEMORY = """
+import resource, sys
+from mergekit.errors import MergeError
+from mergekit.io.safetensors_file import read_header
+extra = int(sys.argv[2])
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+          if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + extra, resource.RLIM_INFINITY))
+try:
+    read_header(__import__("pathlib").Path(sys.argv[1]))
+except MergeError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_header_too_large_for_memory_is_refused_naming_the_file(tmp_path):
+    """Under a memory limit, a large header's parse ran out of memory with a bare
+    'MemoryError:'."""
+    import subprocess
+    import sys
+
+    size = 24 * 2**20
+    text = b'{"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "x": "' \
+        + b"y" * size + b'"}}'
+    path = write_raw(tmp_path / "fat.safetensors", text, b"")
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(path), str(size * 2)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{path}: not enough memory to parse its {len(text)}-byte"
+                                  " header;"), proc.stdout
+
+
+def test_long_hostile_name_is_cut_short_in_messages(tmp_path):
+    name = "n\x07" * 100_000
+    path = write_raw(tmp_path / "long.safetensors", {name: entry("X9", [1], 0, 4)}, b"\0" * 4)
+    with pytest.raises(MergeError) as err:
+        read_header(path)
+    assert len(str(err.value)) < 400 and "\x07" not in str(err.value)
 
 
 def test_unknown_dtype_is_named(tmp_path):
