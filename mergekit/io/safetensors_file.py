@@ -106,7 +106,8 @@ def _parse_header(where: str, raw: bytes, data_start: int, size: int
         header = json.loads(raw, object_pairs_hook=pairs)
     except _Refused as exc:
         raise merge_failure(where, str(exc), "the file is damaged or hostile") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    # ValueError: also a number past json's limit on digits
+    except (ValueError, RecursionError):
         raise merge_failure(where, "the safetensors header is not valid JSON",
                             "the file is damaged; download it again") from None
     if not isinstance(header, dict):

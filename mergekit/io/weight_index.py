@@ -26,8 +26,6 @@ def shard_header(folder: Path, name: str) -> tuple[dict[str, TensorInfo] | None,
         return read_header(path), None
     except MergeError as exc:
         return None, f"{name}: {str(exc).removeprefix(f'{path}: ')}"
-    except ValueError:  # json's limit on the digits of a number
-        return None, f"{name}: the safetensors header is not valid JSON"
 
 
 def duplicate_problems(headers: Headers) -> tuple[dict[str, str], list[str]]:

@@ -216,6 +216,15 @@ def test_hostile_header_is_refused_naming_the_file(tmp_path, case):
     assert str(path) in str(err.value)
 
 
+def test_number_past_jsons_digit_limit_is_refused_naming_the_file(tmp_path):
+    """json raises a plain ValueError (not a JSONDecodeError) for such a number."""
+    raw = b'{"a": {"dtype": "F32", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 4]}}'
+    path = write_raw(tmp_path / "digits.safetensors", raw, b"\0" * 4)
+    with pytest.raises(MergeError, match="digits.safetensors: the safetensors header is not "
+                       "valid JSON"):
+        read_header(path)
+
+
 def raw_entry(name: str, begin: int, end: int) -> str:
     return f'"{name}": {{"dtype": "F32", "shape": [{(end - begin) // 4}], ' \
            f'"data_offsets": [{begin}, {end}]}}'
