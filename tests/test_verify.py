@@ -281,7 +281,8 @@ def test_a_header_json_cannot_parse_is_reported_not_crashed_on(out):
     relist(out, shard.name)
     code, _, errors = verify(out)
     assert code == 1 and errors[0] == (
-        f"{out}: {shard.name}: the safetensors header is not valid JSON")
+        f"{out}: {shard.name}: the safetensors header is not valid JSON; the file is damaged; "
+        "download it again")
     assert not any("run again with -v" in line for line in errors)
 
 
