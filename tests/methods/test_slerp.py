@@ -100,6 +100,29 @@ def test_just_below_the_colinear_threshold_is_spherical():
     assert np.abs(out - lerp).max() > 4e-4  # about 5e-4 apart
 
 
+def test_unit_vectors_120_degrees_apart_half_way():
+    # cos = -0.5: negative, far from colinear; half-way is the unit vector at 60 degrees
+    out = run_slerp([1.0, 0.0], [-0.5, math.sqrt(3) / 2], 0.5)
+    np.testing.assert_allclose(out, [0.5, math.sqrt(3) / 2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.85])
+def test_obtuse_angles_match_reference(t: float):
+    """Negative cosines short of -0.9995 are interpolated along the sphere, not lerped."""
+    theta = 2 * math.pi / 3
+    base = np.array([2.0, 0.0, 0.0])
+    other = 3.0 * np.array([math.cos(theta), math.sin(theta), 0.0])
+    np.testing.assert_allclose(run_slerp(base, other, t), slerp_ref(base, other, t),
+                               rtol=0, atol=1e-6)
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(6, 7)).astype(np.float32)
+    other = (-0.8 * base + 0.5 * rng.normal(size=(6, 7))).astype(np.float32)
+    cos = float(base.ravel() @ other.ravel()) / (np.linalg.norm(base) * np.linalg.norm(other))
+    assert -0.99 < cos < -0.5
+    np.testing.assert_allclose(run_slerp(base, other, t), slerp_ref(base, other, t),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_random_matches_reference(t: float):
     rng = np.random.default_rng(3)
