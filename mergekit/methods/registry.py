@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -97,6 +97,7 @@ class ParamSpec:
     default: Any
     kind: str  # "float", "bool", "int", "str", ...
     description: str
+    choices: tuple[Any, ...] = ()  # the allowed values of a Literal parameter
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Method:
 def _spec(attr: str, info: FieldInfo) -> ParamSpec:
     per_model = any(isinstance(m, _PerModel) for m in info.metadata)
     annotation = info.annotation
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
     if per_model:
         kind = "float"
     elif annotation is bool:
@@ -178,6 +180,8 @@ def _spec(attr: str, info: FieldInfo) -> ParamSpec:
         kind = "int"
     elif annotation is float:
         kind = "float"
+    elif choices:
+        kind = type(choices[0]).__name__
     else:
         kind = getattr(annotation, "__name__", str(annotation))
     return ParamSpec(
@@ -188,6 +192,7 @@ def _spec(attr: str, info: FieldInfo) -> ParamSpec:
         default=None if info.is_required() else info.default,
         kind=kind,
         description=info.description or "",
+        choices=choices,
     )
 
 
