@@ -39,6 +39,18 @@ PER_MODEL = _PerModel()
 PerModelFloat = Annotated[tuple[float, ...], PER_MODEL]
 
 
+@dataclass(frozen=True)
+class UsualRange:
+    """Marker: values of this parameter outside [low, high] are accepted, but do something
+    else than the name suggests (``effect``); the plan warns at each place a recipe sets
+    one, e.g. ``t: Annotated[float, UsualRange(0, 1, "slerp extrapolates past the models")]``.
+    """
+
+    low: float
+    high: float
+    effect: str
+
+
 class MethodParams(BaseModel):
     """Base class of every method's parameter model."""
 
@@ -98,6 +110,7 @@ class ParamSpec:
     kind: str  # "float", "bool", "int", "str", ...
     description: str
     choices: tuple[Any, ...] = ()  # the allowed values of a Literal parameter
+    usual_range: UsualRange | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ def _spec(attr: str, info: FieldInfo) -> ParamSpec:
         kind=kind,
         description=info.description or "",
         choices=choices,
+        usual_range=next((m for m in info.metadata if isinstance(m, UsualRange)), None),
     )
 
 

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
 from mergekit.methods.gram import summed_gram
-from mergekit.methods.registry import MethodParams, prepared, register
+from mergekit.methods.registry import MethodParams, UsualRange, prepared, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,7 +20,8 @@ NORM_EPS = 1e-8
 
 
 class SlerpParams(MethodParams):
-    t: float = Field(description="interpolation position: 0 gives the base model, 1 the other")
+    t: Annotated[float, UsualRange(0.0, 1.0, "slerp extrapolates past the models")] = Field(
+        description="interpolation position: 0 gives the base model, 1 the other")
     # Set by prepare_slerp: (|base|^2, |other|^2, base . other) over the whole tensor, so
     # row chunks are combined with the whole tensor's angle.
     sums: tuple[float, float, float] | None = prepared()
