@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mergekit.config import Conditional, MergeConfiguration, Parameters, short_repr
+from mergekit.config import Conditional, MergeConfiguration, Parameters, short_repr, yaml_key
 from mergekit.errors import usage_error
 
 if TYPE_CHECKING:
@@ -132,19 +132,54 @@ def _culprit(method: Method, values: dict[str, Any], n_models: int) -> int | Non
     return None
 
 
+def parameter_places(cfg: MergeConfiguration) -> list[tuple[str, Parameters | None, bool]]:
+    """Every place a recipe sets parameters: (its YAML path, the parameters, whether the
+    place is one model's)."""
+    return [("parameters", cfg.parameters, False)] + [
+        (f"slices[{i}].parameters", s.parameters, False) for i, s in enumerate(cfg.slices or [])
+    ] + [
+        (f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models or [])
+    ] + [
+        (f"slices[{i}].sources[{j}].parameters", src.parameters, True)
+        for i, s in enumerate(cfg.slices or []) for j, src in enumerate(s.sources)
+    ] + [
+        (f"input_model_parameters.{k}", v, True)
+        for k, v in (cfg.input_model_parameters or {}).items()
+    ]
+
+
 def misplaced_globals(method: Method, cfg: MergeConfiguration) -> list[str]:
     """Warnings for whole-merge parameters set for one model, where they have no effect."""
     globals_ = {p.name for p in method.params if not p.per_model}
-    places: list[tuple[str, Parameters | None]] = [
-        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(cfg.models or [])
-    ] + [
-        (f"slices[{i}].sources[{j}].parameters", src.parameters)
-        for i, s in enumerate(cfg.slices or []) for j, src in enumerate(s.sources)
-    ] + [
-        (f"input_model_parameters.{k}", v) for k, v in (cfg.input_model_parameters or {}).items()
-    ]
     return [
         f"{where}.{name}: {name!r} applies to the whole merge, so it is ignored here; set it "
         "under the top-level (or slice) parameters"
-        for where, params in places for name in sorted(set(params or {}) & globals_)
+        for where, params, one_model in parameter_places(cfg) if one_model
+        for name in sorted(set(params or {}) & globals_)
     ]
+
+
+def unusual_values(method: Method, cfg: MergeConfiguration) -> list[str]:
+    """Warnings for values outside a parameter's usual range (``UsualRange``), once for
+    each place the recipe sets one: a scalar, a gradient's anchor, a filter entry's value."""
+    warnings = []
+    for place, params, one_model in parameter_places(cfg):
+        for spec in method.params:
+            usual = spec.usual_range
+            if usual is None or not params or spec.name not in params or (
+                    one_model and not spec.per_model):  # ignored there (misplaced_globals)
+                continue
+            setting = params[spec.name]
+            # one entry without a filter is a value written directly, as recipe_to_plain does
+            direct = len(setting) == 1 and setting[0].filter is None
+            for k, cond in enumerate(setting):
+                where = f"{place}.{yaml_key(spec.name)}" + ("" if direct else f"[{k}].value")
+                gradient = isinstance(cond.value, tuple)
+                for i, v in enumerate(cond.value if gradient else (cond.value,)):
+                    if (isinstance(v, int | float) and not isinstance(v, bool)
+                            and not usual.low <= v <= usual.high):
+                        warnings.append(
+                            f"{where}{f'[{i}]' if gradient else ''}: {short_repr(v)} is outside "
+                            f"[{usual.low:g}, {usual.high:g}]: {usual.effect}; give a value in "
+                            "that range unless this is meant")
+    return warnings

@@ -19,7 +19,7 @@ from mergekit.io.dtypes import FLOAT_CODES, NAME_TO_ST, itemsize
 from mergekit.io.model import ModelSource
 from mergekit.io.safetensors_file import TensorInfo
 from mergekit.methods.registry import Method, get_method
-from mergekit.parameters import ModelLevels, method_params, misplaced_globals
+from mergekit.parameters import ModelLevels, method_params, misplaced_globals, unusual_values
 from mergekit.refs import parse_model_reference
 
 
@@ -104,6 +104,7 @@ class _Planner:
         if not allow_crimes:
             self._check_architectures()
         self.warnings.extend(misplaced_globals(self.method, config))
+        self.warnings.extend(unusual_values(self.method, config))
 
     # -- structure -------------------------------------------------------------
 

@@ -21,6 +21,11 @@ def _default(p: Any) -> str:
     return "`" + str(p.default).lower() + "`" if isinstance(p.default, bool) else f"`{p.default}`"
 
 
+def _choices(p: Any, quote: str = "") -> str:
+    """"one of: a, b" for a parameter with a closed set of values (a Literal); else ""."""
+    return "one of: " + ", ".join(f"{quote}{c}{quote}" for c in p.choices) if p.choices else ""
+
+
 def method_table() -> str:
     rows = [
         "| method | name | base model | parameters (default) |",
@@ -29,6 +34,7 @@ def method_table() -> str:
     for m in all_methods().values():
         params = "; ".join(
             f"`{p.name}`{' (per model)' if p.per_model else ''} = {_default(p)}"
+            + (f" ({_choices(p, '`')})" if p.choices else "")
             for p in m.params
         )
         name = f"[{m.display_name}]({m.reference})" if m.reference else m.display_name
@@ -41,7 +47,8 @@ def method_details(m: Method) -> str:
              f"  base model: {BASE_WORDS[m.base]}"]
     for p in m.params:
         scope = "per model" if p.per_model else "global"
-        lines.append(f"  {p.name} ({p.kind}, {scope}, {_default(p).strip('`')}): "
+        choices = f"; {_choices(p)}" if p.choices else ""
+        lines.append(f"  {p.name} ({p.kind}, {scope}, {_default(p).strip('`')}{choices}): "
                      f"{p.description}")
     return "\n".join(lines)
 

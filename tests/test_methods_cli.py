@@ -37,7 +37,13 @@ KNOWN_DEFAULTS = {
     "nearswap": {"t": "required"},
     "slerp": {"t": "required"},
 }
-PARAM_LINE = re.compile(r"^  (\w+) \((\w+), (per model|global), ([^)]*)\): (.+)$")
+PARAM_LINE = re.compile(
+    r"^  (\w+) \((\w+), (per model|global), ([^);]*)(?:; one of: ([^)]*))?\): (.+)$")
+# the parameters with a closed set of values, and those values
+KNOWN_CHOICES = {
+    "consensus": ["sum", "count"],
+    "rescale_mode": ["l1", "inverse_density"],
+}
 
 
 def parse_listing(text: str) -> dict[str, dict[str, tuple[str, str]]]:
@@ -65,10 +71,30 @@ def default_text(spec) -> str:
 
 
 @pytest.fixture(scope="module")
-def listing() -> dict[str, dict[str, tuple[str, str]]]:
+def listing_text() -> str:
     result = run_cli(CMD)
     assert result.returncode == 0, result.stderr
-    return parse_listing(result.stdout)
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def listing(listing_text: str) -> dict[str, dict[str, tuple[str, str]]]:
+    return parse_listing(listing_text)
+
+
+@pytest.fixture(scope="module")
+def listing_lines(listing_text: str) -> dict[str, dict[str, tuple[str, list[str] | None]]]:
+    """method -> {param: (type word, allowed values or None)} from the listing's text."""
+    methods: dict[str, dict[str, tuple[str, list[str] | None]]] = {}
+    current = ""
+    for line in listing_text.splitlines():
+        if line and not line.startswith(" "):
+            current = line.split(":", 1)[0]
+            methods[current] = {}
+        elif (m := PARAM_LINE.match(line)) is not None:
+            choices = m.group(5).split(", ") if m.group(5) is not None else None
+            methods[current][m.group(1)] = (m.group(2), choices)
+    return methods
 
 
 def test_every_method_is_listed(listing):
@@ -91,6 +117,22 @@ def test_defaults_the_spec_fixes(listing):
             assert listing[name][param][1] == default, f"{name}.{param}"
     assert listing["della"]["epsilon"][0] == "per model"
     assert listing["breadcrumbs"]["gamma"][0] == "per model"
+
+
+def test_closed_sets_list_their_values(listing_lines):
+    """A parameter with a closed set of values (a Literal) is listed with its type word
+    and the values a recipe may give, never as 'Literal'."""
+    seen = set()
+    for method, lines in listing_lines.items():
+        for name, (kind, choices) in lines.items():
+            assert kind in ("float", "bool", "int", "str"), f"{method}.{name}: {kind}"
+            if name in KNOWN_CHOICES:
+                assert (kind, choices) == ("str", KNOWN_CHOICES[name]), f"{method}.{name}"
+                seen.add(method)
+            else:
+                assert choices is None, f"{method}.{name}"
+    assert {"ties", "dare_ties", "dare_linear", "della", "della_linear",
+            "breadcrumbs_ties"} <= seen
 
 
 def test_internal_fields_are_not_listed(listing):

@@ -27,3 +27,10 @@ def test_readme_lists_every_top_level_field():
     text = README.read_text()
     for name in MergeConfiguration.model_fields:
         assert f"| `{name}` |" in text
+
+
+def test_readme_lists_the_values_of_closed_sets():
+    text = README.read_text()
+    assert "`consensus` = `sum` (one of: `sum`, `count`)" in text
+    assert "`rescale_mode` = `l1` (one of: `l1`, `inverse_density`)" in text
+    assert "Literal" not in text

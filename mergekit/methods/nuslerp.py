@@ -12,10 +12,6 @@ from mergekit.methods.slerp import slerp_coefficients
 if TYPE_CHECKING:
     import torch
 
-COLINEAR_COSINE = 0.9995
-EPS = 1e-8
-
-
 class NuSlerpParams(MethodParams):
     weight: PerModelFloat = Field(description="relative weight; t = w2 / (w1 + w2)")
     nuslerp_flatten: bool = Field(True, description="treat each tensor as one vector")
@@ -31,23 +27,14 @@ class NuSlerpParams(MethodParams):
     column_sums: Any = prepared()
 
 
-def slerp_vector_coefficients(
-    aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, t: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-vector (s_a, s_b) with slerp(a, b, t) = s_a a + s_b b, as float32, from float64
-    tensors of |a|^2, |b|^2 and a . b: ``slerp_coefficients`` for many vectors at once
-    (a linear interpolation where they are (nearly) colinear or not finite)."""
+def _vector_coefficients(sums: torch.Tensor, t: float, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector float32 (s_a, s_b) on ``device`` from a (3, vectors) float64 tensor of
+    |a|^2, |b|^2 and a . b (see ``slerp_coefficients``)."""
     import torch
 
-    norm_a, norm_b = aa.clamp_min(0.0).sqrt(), bb.clamp_min(0.0).sqrt()
-    # a zero-norm vector stays unnormalised (cosine 0)
-    cos = ab / (torch.where(norm_a > EPS, norm_a, 1.0) * torch.where(norm_b > EPS, norm_b, 1.0))
-    linear = ~torch.isfinite(cos) | (cos.abs() > COLINEAR_COSINE)
-    theta = torch.arccos(torch.where(linear, 0.0, cos).clamp(-1.0, 1.0))
-    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
-    s_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
-    s_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return s_a.float(), s_b.float()
+    s_a, s_b, _ = slerp_coefficients(*sums.cpu().numpy(), t)
+    return torch.from_numpy(s_a).float().to(device), torch.from_numpy(s_b).float().to(device)
 
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None
@@ -113,9 +100,9 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
         if params.sums is None:
             params = prepare_nuslerp(lambda: [(tensors, base)], params)
         assert params.sums is not None
-        s_a, s_b = slerp_coefficients(params.sums, t) or (1.0 - t, t)
-        out = a * s_a
-        out += b * s_b  # no fused multiply-add: numpy arrays get the same bits
+        s_a, s_b, _ = slerp_coefficients(*params.sums, t)
+        out = a * float(s_a)
+        out += b * float(s_b)  # no fused multiply-add: numpy arrays get the same bits
     else:
         import torch
 
@@ -124,10 +111,10 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
             # per-row float32 dot products (torch: this mode stays on torch)
             sums = torch.stack([torch.linalg.vecdot(x, y).double()
                                 for x, y in ((a2, a2), (b2, b2), (a2, b2))])
-            ca, cb = (c.unsqueeze(-1) for c in slerp_vector_coefficients(*sums, t))
+            ca, cb = (c.unsqueeze(-1) for c in _vector_coefficients(sums, t, a.device))
         else:  # columns W[:, j]: vectors along the first dimension
             if params.column_sums is None:
                 params = prepare_nuslerp(lambda: [(tensors, base)], params)
-            ca, cb = slerp_vector_coefficients(*params.column_sums.to(a.device), t)
+            ca, cb = _vector_coefficients(params.column_sums, t, a.device)
         out = (a2 * ca).add_(b2 * cb).reshape(shape)
     return out + base if base is not None else out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -37,6 +37,18 @@ PER_MODEL = _PerModel()
 # A per-model number: the recipe gives a scalar (or gradient) per model; the method
 # receives a tuple with one float per input tensor.
 PerModelFloat = Annotated[tuple[float, ...], PER_MODEL]
+
+
+@dataclass(frozen=True)
+class UsualRange:
+    """Marker: values of this parameter outside [low, high] are accepted, but do something
+    else than the name suggests (``effect``); the plan warns at each place a recipe sets
+    one, e.g. ``t: Annotated[float, UsualRange(0, 1, "slerp extrapolates past the models")]``.
+    """
+
+    low: float
+    high: float
+    effect: str
 
 
 class MethodParams(BaseModel):
@@ -97,6 +109,8 @@ class ParamSpec:
     default: Any
     kind: str  # "float", "bool", "int", "str", ...
     description: str
+    choices: tuple[Any, ...] = ()  # the allowed values of a Literal parameter
+    usual_range: UsualRange | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class Method:
 def _spec(attr: str, info: FieldInfo) -> ParamSpec:
     per_model = any(isinstance(m, _PerModel) for m in info.metadata)
     annotation = info.annotation
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
     if per_model:
         kind = "float"
     elif annotation is bool:
@@ -178,6 +193,8 @@ def _spec(attr: str, info: FieldInfo) -> ParamSpec:
         kind = "int"
     elif annotation is float:
         kind = "float"
+    elif choices:
+        kind = type(choices[0]).__name__
     else:
         kind = getattr(annotation, "__name__", str(annotation))
     return ParamSpec(
@@ -188,6 +205,8 @@ def _spec(attr: str, info: FieldInfo) -> ParamSpec:
         default=None if info.is_required() else info.default,
         kind=kind,
         description=info.description or "",
+        choices=choices,
+        usual_range=next((m for m in info.metadata if isinstance(m, UsualRange)), None),
     )
 
 

@@ -1,24 +1,27 @@
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
 from mergekit.methods.gram import summed_gram
-from mergekit.methods.registry import MethodParams, prepared, register
+from mergekit.methods.registry import MethodParams, UsualRange, prepared, register
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-# Above this |cosine| the two vectors are treated as colinear and interpolated linearly.
+# The constants of every slerp (slerp, nuslerp): above this |cosine| two vectors are
+# treated as colinear and interpolated linearly; a vector with a norm at most NORM_EPS is
+# not normalised.
 COLINEAR_COSINE = 0.9995
 NORM_EPS = 1e-8
 
 
 class SlerpParams(MethodParams):
-    t: float = Field(description="interpolation position: 0 gives the base model, 1 the other")
+    t: Annotated[float, UsualRange(0.0, 1.0, "slerp extrapolates past the models")] = Field(
+        description="interpolation position: 0 gives the base model, 1 the other")
     # Set by prepare_slerp: (|base|^2, |other|^2, base . other) over the whole tensor, so
     # row chunks are combined with the whole tensor's angle.
     sums: tuple[float, float, float] | None = prepared()
@@ -47,12 +50,12 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: SlerpP
     if params.sums is None:
         params = prepare_slerp(lambda: [(tensors, base)], params)
     assert params.sums is not None
-    coefficients = slerp_coefficients(params.sums, params.t)
-    if coefficients is None:
+    s_base, s_other, linear = slerp_coefficients(*params.sums, params.t)
+    if linear:
         return lerp(base, other, params.t)
-    s_base, s_other = coefficients
-    out = base * s_base
-    out += other * s_other
+    # Python floats: a float32 tensor or array times a float stays float32
+    out = base * float(s_base)
+    out += other * float(s_other)
     return out
 
 
@@ -68,16 +71,24 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return b - diff
 
 
-def slerp_coefficients(sums: tuple[float, float, float], t: float) -> tuple[float, float] | None:
-    """(s_a, s_b) with slerp(a, b, t) = s_a a + s_b b, from (|a|^2, |b|^2, a . b); None
-    where the vectors are (nearly) colinear or an input is not finite: there is no angle,
-    and a linear interpolation keeps the other elements finite."""
-    aa, bb, ab = sums
-    norm_a, norm_b = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
-    # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
-    cos = ab / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
-    if not math.isfinite(cos) or abs(cos) > COLINEAR_COSINE:
-        return None
-    theta = math.acos(max(-1.0, min(1.0, cos)))
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+def slerp_coefficients(aa: Any, bb: Any, ab: Any, t: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s_a, s_b, linear) with slerp(a, b, t) = s_a a + s_b b, from |a|^2, |b|^2 and a . b:
+    float64 numbers for one pair of vectors, or arrays of them for many pairs at once
+    (nuslerp's rows and columns). ``linear`` marks the pairs that are (nearly) colinear or
+    not finite: there is no angle, and s_a, s_b = 1 - t, t, a linear interpolation that
+    keeps the other elements finite."""
+    import numpy as np
+
+    aa, bb, ab = (np.asarray(x, dtype=np.float64) for x in (aa, bb, ab))
+    with np.errstate(all="ignore"):  # NaN and Inf sums: linear, as documented
+        norm_a, norm_b = np.sqrt(np.maximum(aa, 0.0)), np.sqrt(np.maximum(bb, 0.0))
+        # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
+        cos = ab / (np.where(norm_a > NORM_EPS, norm_a, 1.0)
+                    * np.where(norm_b > NORM_EPS, norm_b, 1.0))
+        linear = ~np.isfinite(cos) | (np.abs(cos) > COLINEAR_COSINE)
+        theta = np.arccos(np.clip(np.where(linear, 0.0, cos), -1.0, 1.0))
+        sin_theta = np.where(linear, 1.0, np.sin(theta))
+        s_a = np.where(linear, 1.0 - t, np.sin((1.0 - t) * theta) / sin_theta)
+        s_b = np.where(linear, t, np.sin(t * theta) / sin_theta)
+    return s_a, s_b, linear

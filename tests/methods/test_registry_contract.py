@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -21,11 +22,14 @@ def n_inputs(method: Method) -> int:
     return min(n, method.max_models) if method.max_models is not None else n
 
 
-def make_params(method: Method, n: int) -> Any:
-    """The params the engine would build: required ones set, per-model ones as n-tuples."""
+def make_params(method: Method, n: int, **overrides: Any) -> Any:
+    """The params the engine would build: required ones set, per-model ones as n-tuples;
+    ``overrides`` by name, for the parameters the method has."""
     values: dict[str, Any] = {}
     for spec in method.params:
-        if spec.required:
+        if spec.name in overrides:
+            value = overrides[spec.name]
+        elif spec.required:
             if spec.name in REQUIRED_VALUES:
                 value = REQUIRED_VALUES[spec.name]
             elif spec.kind in KIND_VALUES:
@@ -39,10 +43,12 @@ def make_params(method: Method, n: int) -> Any:
     return method.make_params(values)
 
 
-def call(method: Method, tensors: list[torch.Tensor], base: torch.Tensor | None
-         ) -> torch.Tensor:
-    torch.manual_seed(0)  # random methods: same seed, same bits
-    return method.fn(tensors, base, make_params(method, len(tensors)))
+def call(method: Method, tensors: list[torch.Tensor], base: torch.Tensor | None,
+         global_seed: int = 0, **overrides: Any) -> torch.Tensor:
+    """Run the method; random methods draw from the seed in their params, so the seed of
+    torch's global generator must not change their bits."""
+    torch.manual_seed(global_seed)
+    return method.fn(tensors, base, make_params(method, len(tensors), **overrides))
 
 
 def base_choices(method: Method) -> list[bool]:
@@ -90,12 +96,27 @@ def test_shape_and_dtype_kept(method: Method, with_base: bool, shape: tuple[int,
     assert torch.isfinite(out).all()
 
 
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The float32 result as integers: equal bits compare equal, NaN included."""
+    return x.view(torch.int32)
+
+
+# a density below 1 makes the random methods (DARE, DELLA) drop elements: their draws show
+RANDOM_OVERRIDES: dict[str, Any] = {"density": 0.5}
+
+
 @pytest.mark.parametrize("method, with_base", CASES)
 def test_same_inputs_same_bits(method: Method, with_base: bool):
+    """Same inputs and params (the seed among them): same bits, whatever the state of
+    torch's global generator."""
     tensors, base = random_inputs(method, with_base, (8, 8), seed=1)
-    first = call(method, [t.clone() for t in tensors], None if base is None else base.clone())
-    second = call(method, [t.clone() for t in tensors], None if base is None else base.clone())
-    assert torch.equal(first, second)
+    first, second = (
+        call(method, [t.clone() for t in tensors], None if base is None else base.clone(),
+             global_seed=global_seed, **RANDOM_OVERRIDES)
+        for global_seed in (0, 1)
+    )
+    assert first.dtype == second.dtype == torch.float32
+    assert torch.equal(bits(first), bits(second))
 
 
 @pytest.mark.parametrize("method, with_base", CASES)
@@ -133,18 +154,56 @@ def test_zero_norm_inputs_give_no_nan(method: Method, with_base: bool, which: st
 
 @pytest.mark.parametrize("method, with_base", CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_inputs_do_not_raise(method: Method, with_base: bool, bad: float):
-    """NaN or Inf in the inputs is merged (the engine warns); methods that declare
-    ``keeps_nonfinite`` give a non-finite result element wherever an input's is."""
+def test_nonfinite_inputs_are_merged(method: Method, with_base: bool, bad: float):
+    """NaN or Inf in the inputs is merged (the engine warns), by every method: a float32
+    result of the inputs' shape, the same bits from the same inputs and seed (NaN
+    included). Methods that declare ``keeps_nonfinite`` give a non-finite result element
+    exactly where an input's is; the others may spread it (norms of the whole tensor)."""
     tensors, base = random_inputs(method, with_base, (4, 6), seed=4)
     tensors[0][1, 2] = bad
     if base is not None:
         base[3, 0] = -bad
-    out = call(method, tensors, base)
-    assert tuple(out.shape) == (4, 6)
+    first, second = (
+        call(method, [t.clone() for t in tensors], None if base is None else base.clone(),
+             global_seed=global_seed, **RANDOM_OVERRIDES)
+        for global_seed in (0, 1)
+    )
+    assert tuple(first.shape) == (4, 6)
+    assert first.dtype == torch.float32
+    assert torch.equal(bits(first), bits(second))
     if method.keeps_nonfinite:
         stacked = torch.stack(tensors + ([base] if base is not None else []))
-        assert torch.equal(~torch.isfinite(out), ~torch.isfinite(stacked).all(dim=0))
+        assert torch.equal(~torch.isfinite(first), ~torch.isfinite(stacked).all(dim=0))
+
+
+# karcher drops an input whose norm is NaN from the mean (coefficient 0): its finite
+# elements come out 0 (karcher.py is being reworked elsewhere; strict: passes once fixed)
+KNOWN_NAN_FAILURES = {"karcher"}
+IDENTICAL_NONFINITE_CASES = [
+    pytest.param(*case.values, bad, id=f"{case.id}-{bad}", marks=[pytest.mark.xfail(
+        strict=True, reason="a NaN norm zeroes the input's coefficient")]
+        if case.values[0].name in KNOWN_NAN_FAILURES and math.isnan(bad) else [])
+    for case in CASES
+    for bad in (float("nan"), float("inf"), -float("inf"))
+]
+
+
+@pytest.mark.parametrize("method, with_base, bad", IDENTICAL_NONFINITE_CASES)
+def test_identical_inputs_with_a_nonfinite_element_return_that_input(
+        method: Method, with_base: bool, bad: float):
+    """Identical inputs holding a NaN or Inf give that input: its non-finite element stays
+    non-finite, and every finite element of the result is the input's. (A method without
+    ``keeps_nonfinite`` may spread the non-finite value to other elements.)"""
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
+    x[1, 2] = bad
+    out = call(method, [x.clone() for _ in range(n_inputs(method))],
+               x.clone() if with_base else None)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (4, 6)
+    assert not torch.isfinite(out[1, 2])
+    finite = torch.isfinite(out)
+    torch.testing.assert_close(out[finite], x[finite], rtol=1e-6, atol=1e-6)
+    if method.keeps_nonfinite:
+        assert torch.equal(finite, torch.isfinite(x))
 
 
 ARRAY_CASES = [case for case in CASES if case.values[0].arrays]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_state
+from conftest import load_state, run_cli, write_recipe
 
 from mergekit.methods.registry import get_method
 
@@ -98,6 +99,29 @@ def test_just_below_the_colinear_threshold_is_spherical():
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
     lerp = (1 - t) * base + t * other
     assert np.abs(out - lerp).max() > 4e-4  # about 5e-4 apart
+
+
+def test_unit_vectors_120_degrees_apart_half_way():
+    # cos = -0.5: negative, far from colinear; half-way is the unit vector at 60 degrees
+    out = run_slerp([1.0, 0.0], [-0.5, math.sqrt(3) / 2], 0.5)
+    np.testing.assert_allclose(out, [0.5, math.sqrt(3) / 2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.85])
+def test_obtuse_angles_match_reference(t: float):
+    """Negative cosines short of -0.9995 are interpolated along the sphere, not lerped."""
+    theta = 2 * math.pi / 3
+    base = np.array([2.0, 0.0, 0.0])
+    other = 3.0 * np.array([math.cos(theta), math.sin(theta), 0.0])
+    np.testing.assert_allclose(run_slerp(base, other, t), slerp_ref(base, other, t),
+                               rtol=0, atol=1e-6)
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(6, 7)).astype(np.float32)
+    other = (-0.8 * base + 0.5 * rng.normal(size=(6, 7))).astype(np.float32)
+    cos = float(base.ravel() @ other.ravel()) / (np.linalg.norm(base) * np.linalg.norm(other))
+    assert -0.99 < cos < -0.5
+    np.testing.assert_allclose(run_slerp(base, other, t), slerp_ref(base, other, t),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
@@ -192,3 +216,69 @@ def test_merge_filtered_t(llama_models, merge):
         check(f"model.layers.{i}.mlp.gate_proj.weight", 0.9 * i / 3)
     check("model.embed_tokens.weight", 0.6)
     check("lm_head.weight", 0.6)
+
+
+# -- t outside [0, 1] ------------------------------------------------------------------------
+
+TINY = Path(__file__).resolve().parents[2] / "examples" / "models"
+EXTRAPOLATES = "is outside [0, 1]: slerp extrapolates past the models"
+
+
+def slerp_recipe(t: object) -> dict:
+    base, other = str(TINY / "tiny-base"), str(TINY / "tiny-instruct")
+    return {"merge_method": "slerp", "base_model": base,
+            "models": [{"model": base}, {"model": other}], "parameters": {"t": t}}
+
+
+@pytest.mark.parametrize("t, where", [
+    (1.5, "parameters.t: 1.5"),
+    ([0.0, 0.5, 1.25], "parameters.t[2]: 1.25"),  # a gradient's last anchor
+    ([{"filter": "mlp", "value": -0.5}, {"value": 0.5}], "parameters.t[0].value: -0.5"),
+])
+def test_t_outside_0_1_warns_once_naming_where_it_is_set(tmp_path: Path, t: object,
+                                                         where: str):
+    """The value applies to many tensors, and the warning comes once, from the plan (so
+    ``--dry-run`` shows it)."""
+    recipe = write_recipe(tmp_path / "recipe.yml", slerp_recipe(t))
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "model.layers.3.mlp.up_proj.weight" in proc.stdout  # the plan
+    assert proc.stderr.count(f"{where} {EXTRAPOLATES}") == 1, proc.stderr
+    assert proc.stderr.count(EXTRAPOLATES) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_t_inside_0_1_gives_no_warning(tmp_path: Path):
+    recipe = write_recipe(tmp_path / "recipe.yml", slerp_recipe(
+        [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 1.0},
+         {"value": 0.0}]))
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "extrapolates" not in proc.stderr, proc.stderr
+
+
+def test_t_outside_0_1_is_named_in_slices_and_not_where_it_is_ignored():
+    """Each place is named by its path; t set for one model is ignored there (that warning
+    says so) and is not said to extrapolate."""
+    from mergekit.config import parse_config
+    from mergekit.parameters import misplaced_globals, unusual_values
+
+    base, other = str(TINY / "tiny-base"), str(TINY / "tiny-instruct")
+    sources = [{"model": base, "layer_range": [0, 2]},
+               {"model": other, "layer_range": [0, 2], "parameters": {"t": 3.0}}]
+    config = parse_config({
+        "merge_method": "slerp", "base_model": base,
+        "slices": [{"sources": sources, "parameters": {"t": 1.0}},
+                   {"sources": [{**s, "layer_range": [2, 4]} for s in sources],
+                    "parameters": {"t": [{"filter": "mlp", "value": [0.5, -1.0]},
+                                         {"value": -0.1}]}}],
+        "parameters": {"t": 1.0000001},
+    })
+    method = get_method("slerp")
+    assert [w.split(" is outside")[0] for w in unusual_values(method, config)] == [
+        "parameters.t: 1.0000001",
+        "slices[1].parameters.t[0].value[1]: -1.0",
+        "slices[1].parameters.t[1].value: -0.1",
+    ]
+    assert [w.split(":")[0] for w in misplaced_globals(method, config)] == [
+        "slices[0].sources[1].parameters.t", "slices[1].sources[1].parameters.t"]
