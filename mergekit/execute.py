@@ -1,6 +1,6 @@
 """Execute one tensor job: read its inputs (whole, or in row chunks for elementwise
 methods), check them for NaN and Inf, run the merge method in float32 and yield the output
-in its dtype."""
+in its dtype, checked for NaN and Inf its inputs lack."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mergekit.errors import merge_failure
-from mergekit.io.dtypes import torch_dtype
+from mergekit.io.dtypes import ST_DTYPES, torch_dtype
 from mergekit.io.model import ModelSource
 from mergekit.methods.registry import Method, MethodParams, PositionalParams
 from mergekit.plan import TensorJob
-from mergekit.transfer import Transfer
+from mergekit.transfer import Result, Transfer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,18 +33,28 @@ PREPARE_CACHE_BYTES = 256 * 1024**2
 
 
 class FiniteCheck:
-    """Warns once per input tensor holding NaN or Inf; with ``strict`` that is an error."""
+    """NaN and Inf. An input tensor holding them gets a warning, once (with ``strict``, an
+    error). A merged tensor holding them, once cast to the output dtype, where its inputs do
+    not (overflow: large weights, a narrow output dtype) fails the merge (with
+    ``allow_output``, a warning, once per tensor)."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, allow_output: bool = False) -> None:
         self.strict = strict
+        self.allow_output = allow_output
         # chunks checked in the current job (passes that read a chunk again skip it)
         self._seen: set[tuple[str, str, tuple[int, int] | None]] = set()
+        # whether an input chunk of the current job held NaN or Inf
+        self._bad_input = False
         self._warned: set[tuple[str, str]] = set()
+        # NaN and Inf values of the current job's output that its inputs do not explain
+        self._nan = self._inf = 0
 
     def next_job(self) -> None:
         """Call as each tensor job begins: the chunks of the last one will not come again,
         and remembering every chunk of a run would grow with the model."""
         self._seen.clear()
+        self._bad_input = False
+        self._nan = self._inf = 0
 
     def __call__(self, model: str, name: str, rows: tuple[int, int] | None,
                  tensor: torch.Tensor) -> None:
@@ -52,6 +62,7 @@ class FiniteCheck:
             return
         self._seen.add((model, name, rows))
         if not all_finite(tensor):
+            self._bad_input = True
             if self.strict:
                 raise merge_failure(f"model {model}", f"tensor {name} holds NaN or Inf values",
                                     "fix the input model, or drop --strict-finite to merge "
@@ -60,6 +71,74 @@ class FiniteCheck:
                 self._warned.add((model, name))
                 log.warning("model %s: tensor %s holds NaN or Inf values; the merged tensor "
                             "may too (--strict-finite makes this an error)", model, name)
+
+    def output(self, job: TensorJob, rows: tuple[int, int] | None,
+               load: Callable[[tuple[int, int] | None], Any],
+               values: Callable[[], Any]) -> None:
+        """Call for an output chunk (``rows``) holding NaN or Inf once cast to the output
+        dtype: checks its inputs, and counts its values for ``finish_job``. ``load(rows)``
+        reads a chunk's inputs again as ``chunk_inputs`` gives them (the methods that keep
+        NaN and Inf leave them unchecked until here); ``values()``: the output chunk as
+        float32."""
+        refs = ((job.base,) if job.base else ()) + job.inputs
+        if not all((r.model, r.name, rows) in self._seen for r in refs):
+            tensors, base, _ = load(rows)
+            for ref, t in zip(refs, ([base] if job.base else []) + tensors):
+                self(ref.model, ref.name, rows, t)
+        if not self._bad_input:  # else the output's NaN and Inf are the input's
+            nan, inf = nonfinite_counts(values())
+            self._nan += nan
+            self._inf += inf
+
+    def finish_job(self, job: TensorJob) -> None:
+        """Call after a job's last chunk: fails (or warns) when its output held NaN or Inf
+        and its inputs did not. Any input chunk's NaN or Inf excuses the whole tensor's (a
+        prepare pass spreads them over every chunk), which also makes the verdict the same
+        for every chunk size. Every input chunk that may hold them has been checked by then:
+        those the method reads always; for methods that keep NaN and Inf, those of every
+        chunk whose output holds some."""
+        if self._bad_input or not (self._nan or self._inf):
+            return
+        counts = " and ".join(f"{n} {what}" for n, what in ((self._nan, "NaN"),
+                                                            (self._inf, "Inf")) if n)
+        params = ", ".join(f"{k}={_shown(v)}" for k, v in job.params.items())
+        settings = f"{ST_DTYPES[job.dtype][0]} output" + (f"; {params}" if params else "")
+        what = f"the merged tensor holds {counts} values ({settings}) but its inputs do not"
+        if self.allow_output:
+            log.warning("%s: %s; written anyway (--allow-nonfinite)", job.output_name, what)
+            return
+        raise merge_failure(job.output_name, what,
+                            f"{_nonfinite_fix(job)}; --allow-nonfinite writes it anyway")
+
+
+def _shown(value: Any) -> str:
+    """A resolved parameter value as a recipe writes it: per-model tuples as lists."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _nonfinite_fix(job: TensorJob) -> str:
+    """What to change when a merged tensor overflows."""
+    fixes = []
+    if "weight" in job.params:
+        fixes.append("lower the weights")
+    if job.params.get("normalize") is False:
+        fixes.append("set normalize: true")
+    if job.dtype == "F16":
+        fixes.append("use a wider dtype (float32/bfloat16)")
+    if not fixes:
+        return "check the merge's parameters"
+    return ", ".join(fixes[:-1]) + ", or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+
+
+def nonfinite_counts(values: torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """How many NaN and how many Inf values a float tensor or array holds."""
+    import numpy as np
+
+    if isinstance(values, np.ndarray):
+        return int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    import torch
+
+    return int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
 
 
 def all_finite(tensor: torch.Tensor | np.ndarray) -> bool:
@@ -115,11 +194,24 @@ def execute_job(
     params = job_params(job, method)
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
-        for rows in _row_chunks(job, method, params, sources):
-            t = sources[ref.model].read(ref.name, rows)
+
+        def read(rows: tuple[int, int] | None) -> torch.Tensor:
+            return sources[ref.model].read(ref.name, rows)
+
+        chunks = _row_chunks(job, method, params, sources)
+        for rows in chunks:
+            t = read(rows)
             if check is not None:
                 check(ref.model, ref.name, rows, t)
-            yield _fit(t, job.shape if rows is None else tuple(t.shape), None).to(out_dtype)
+            out = _fit(t, job.shape if rows is None else tuple(t.shape), None).to(out_dtype)
+            # the same bits as the input unless narrowed, maybe past the dtype's range
+            if check is not None and out.dtype != t.dtype \
+                    and not math.isfinite(_sum(out).item()) and not all_finite(out.float()):
+                check.output(job, rows, lambda r: ([read(r)], None, 0),
+                             lambda out=out: out.float())
+            yield out
+        if check is not None:
+            check.finish_job(job)
         return
 
     def inputs(
@@ -146,19 +238,51 @@ def execute_job(
         else:  # too large to hold: each pass reads the chunks again
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
     _set_threads(threads, chunked=len(chunks) > 1)
+
+    def collect(rows: tuple[int, int] | None, copying: Result, total: Result | None,
+                ) -> torch.Tensor:
+        """The output chunk in host memory, once checked for NaN and Inf (``total``: its
+        float32 sum, copied back with it rather than read by a stalling ``item()``)."""
+        out = copying.wait()
+        if check is None or total is None or math.isfinite(total.wait().item()):
+            return out
+        if not all_finite(out.float()):  # (a sum of finite values may overflow)
+            check.output(job, rows,
+                         lambda r: loaded[chunks.index(r)] if loaded is not None else inputs(r),
+                         lambda: out.float())
+        return out
+
     pending = None  # the previous chunk's result, on its way to host memory
     for n, rows in enumerate(chunks):
-        result, _ = merge_chunk(job, method, params, loaded[n] if loaded is not None
-                                else inputs(rows), rows, check)
-        copying = transfer.to_host(result, out_dtype)
+        result = merge_chunk(job, method, params, loaded[n] if loaded is not None
+                             else inputs(rows))
+        narrowed = result.to(out_dtype)
+        del result
+        # NaN and Inf are looked for after the cast: values past float16's range become Inf
+        total = None
+        if check is not None:
+            summed = _sum(narrowed)
+            total = transfer.to_host(summed, summed.dtype)
+        copying = (rows, transfer.to_host(narrowed, out_dtype), total)
         if not transfer.asynchronous:
-            yield copying.wait()
+            yield collect(*copying)
             continue
         if pending is not None:  # collected once the device has the next chunk's work
-            yield pending.wait()
+            yield collect(*pending)
         pending = copying
     if pending is not None:
-        yield pending.wait()
+        yield collect(*pending)
+    if check is not None:
+        check.finish_job(job)
+
+
+def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a float tensor, finite when all its elements are and the sum fits its dtype
+    (else ``all_finite`` decides). 16-bit floats are summed in their own dtype (in float32
+    inside): twice as fast as a float32 sum of them; torch has no sum of 8-bit floats."""
+    import torch
+
+    return tensor.sum(dtype=torch.float32) if tensor.element_size() == 1 else tensor.sum()
 
 
 def job_params(job: TensorJob, method: Method) -> MethodParams:
@@ -183,27 +307,17 @@ def chunk_inputs(
 
 def merge_chunk(
     job: TensorJob, method: Method, params: MethodParams,
-    chunk: tuple[list[Any], Any | None, int], rows: tuple[int, int] | None,
-    check: FiniteCheck | None,
-) -> tuple[Any, bool | None]:
-    """The method's float32 result on one chunk (from ``chunk_inputs``), and whether it is
-    all finite where that was checked (None where it was not). For a method that keeps
-    NaN and Inf, a result that is not finite has its inputs checked, to name them."""
+    chunk: tuple[list[Any], Any | None, int],
+) -> Any:
+    """The method's float32 result on one chunk (from ``chunk_inputs``)."""
     tensors, base, offset = chunk
     if isinstance(params, PositionalParams):  # results follow the element's position
         params = params.model_copy(update={"offset": offset})
     result = method.fn(tensors, base, params)
-    finite = None
-    if check is not None and method.keeps_nonfinite:
-        finite = all_finite(result)
-        if not finite:  # the result is not finite where an input is not: find which ones
-            for ref, t in zip((job.base, *job.inputs) if job.base else job.inputs,
-                              ([base] if job.base else []) + tensors):
-                check(ref.model, ref.name, rows, t)
     if tuple(result.shape) != tuple(tensors[0].shape):
         raise RuntimeError(f"internal: {job.method} returned shape {tuple(result.shape)} "
                            f"for {job.output_name}, expected {tuple(tensors[0].shape)}")
-    return result, finite
+    return result
 
 
 def _f32_bytes(job: TensorJob) -> int:

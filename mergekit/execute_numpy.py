@@ -70,12 +70,21 @@ def execute_job_numpy(
     params = job_params(job, method)
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         (ref,) = job.inputs
-        for rows in _row_chunks(job, method, params, sources, CHUNK_ELEMENTS):
+        chunks = _row_chunks(job, method, params, sources, CHUNK_ELEMENTS)
+        for rows in chunks:
             raw, code = read(ref.model, ref.name, rows)
             if check is not None:
                 check(ref.model, ref.name, rows, to_float32(raw, code))
-            yield _narrow(_fit(raw, job.shape if rows is None else raw.shape, None), code,
+            out = _narrow(_fit(raw, job.shape if rows is None else raw.shape, None), code,
                           job.dtype)
+            # the same bits as the input unless narrowed, maybe past the dtype's range
+            if check is not None and code != job.dtype and not _stored_finite(out, job.dtype):
+                check.output(job, rows,
+                             lambda r: ([to_float32(*read(ref.model, ref.name, r))], None, 0),
+                             lambda out=out: to_float32(out, job.dtype))
+            yield out
+        if check is not None:
+            check.finish_job(job)
         return
 
     def inputs(
@@ -96,10 +105,35 @@ def execute_job_numpy(
             params = method.prepare(lambda: (inputs(rows) for rows in chunks), params)
     for rows in chunks:
         with np.errstate(all="ignore"):
-            result, finite = merge_chunk(job, method, params, inputs(rows), rows, check)
-            out = from_float32(result, job.dtype, finite if finite is not None
-                               else all_finite(result))
+            result = merge_chunk(job, method, params, inputs(rows))
+            # from_float32 looks for NaNs (to give them bfloat16's NaN bits) only when told
+            # the values may hold some
+            out = from_float32(result, job.dtype, job.dtype != "BF16" or all_finite(result))
+        # NaN and Inf are looked for after the cast: values past float16's range become Inf
+        if check is not None and not _stored_finite(out, job.dtype):
+            check.output(job, rows, inputs,
+                         lambda out=out: to_float32(out, job.dtype))
         yield out
+    if check is not None:
+        check.finish_job(job)
+
+
+# The exponent bits of float16 and bfloat16: all set in NaN and Inf only.
+_EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
+def _stored_finite(raw: np.ndarray, code: str) -> bool:
+    """Whether stored bytes (as ``numpy_dtype(code)``) hold no NaN or Inf. For 16-bit
+    floats two integer maxima tell, cheaper than any float sum of them: read as int16, the
+    NaN and Inf with the sign bit clear are the largest values; read as uint16, those with
+    it set are."""
+    import numpy as np
+
+    if code == "F32":
+        return all_finite(raw)
+    exponent = _EXPONENT_BITS[code]
+    return (int(raw.view(np.int16).max()) < exponent
+            and int(raw.view(np.uint16).max()) < 0x8000 | exponent)
 
 
 def _narrow(raw: np.ndarray, code: str, out_code: str) -> np.ndarray:

@@ -47,6 +47,8 @@ class MergeOptions(BaseModel):
                               "the manifest (reads them once more)")
     strict_finite: bool = Field(False, description="fail on NaN or Inf in an input tensor "
                                 "instead of warning")
+    allow_nonfinite: bool = Field(False, description="write a merged tensor holding NaN or "
+                                  "Inf its inputs lack, with a warning, instead of failing")
     resume: bool = Field(True, description="keep the shards an interrupted run of the same "
                          "merge finished (False: start over)")
 

@@ -20,6 +20,7 @@ from mergekit.io.model import ModelSource
 from mergekit.io.safetensors_file import TensorInfo
 from mergekit.methods.registry import Method, get_method
 from mergekit.parameters import ModelLevels, method_params, misplaced_globals, unusual_values
+from mergekit.printable import printable
 from mergekit.refs import parse_model_reference
 
 
@@ -334,17 +335,18 @@ def tensor_seed(random_seed: int | None, tensor: str) -> int:
 
 
 def format_plan(plan: MergePlan) -> str:
-    """Human-readable plan for --dry-run."""
+    """Human-readable plan for --dry-run, one line per output tensor: the tensor names come
+    from the inputs' headers, so their control characters and line breaks are escaped."""
     lines = []
     for job in plan.jobs:
         ins = ", ".join(f"{r.model}:{r.name}" for r in job.inputs)
         base = f" base={job.base.model}:{job.base.name}" if job.base else ""
         params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
         how = job.method if job.compute else "copy"
-        lines.append(
+        lines.append(printable(
             f"{job.output_name} {list(job.shape)} {job.dtype} shard={job.shard + 1} {how} "
             f"[{ins}]{base} {params}".rstrip()
-        )
+        ))
     lines.append("")
     lines.append(
         f"{len(plan.jobs)} tensors, {plan.num_layers} layers, {len(plan.shard_files)} shard(s); "

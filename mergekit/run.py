@@ -122,7 +122,7 @@ def _write_weights(
     readahead = Readahead([j for name, jobs in zip(plan.shard_files, by_shard)
                            if name not in hashes for j in jobs], sources)
     method = get_method(plan.method)
-    check = FiniteCheck(options.strict_finite)
+    check = FiniteCheck(options.strict_finite, options.allow_nonfinite)
     added = 0  # tensors written by this run (for the test hook)
     on_numpy = _numpy_runs(plan, sources, options)
     # the readahead starts first: the disk reads the first inputs while torch loads

@@ -13,14 +13,23 @@ from typing import NoReturn, TypeVar
 import typer
 
 from mergekit.errors import MergeError
+from mergekit.printable import printable
 
 T = TypeVar("T")
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Each log message on one line, with the control characters of tensor names and paths
+    from the inputs escaped (tracebacks appended after it keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     logger = logging.getLogger("mergekit")
     logger.handlers[:] = [handler]
     logger.setLevel(level)
@@ -47,7 +56,7 @@ def guarded(fn: Callable[[], T], verbose: bool) -> T:
         return fn()
     except MergeError as exc:
         if verbose:
-            traceback.print_exc()
+            _traceback(exc)
         _report(str(exc), exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
@@ -63,7 +72,7 @@ def guarded(fn: Callable[[], T], verbose: bool) -> T:
         raise typer.Exit(0) from None
     except Exception as exc:  # noqa: BLE001 - the edge reports every failure
         if verbose:
-            traceback.print_exc()
+            _traceback(exc)
         _report(f"{type(exc).__name__}: {exc}; run again with -v for the traceback", exc)
         raise typer.Exit(1) from None
     finally:
@@ -82,7 +91,7 @@ def run_app(app: Callable[[], object]) -> NoReturn:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
         else:
-            print(exc.code, file=sys.stderr)
+            print(printable(str(exc.code)), file=sys.stderr)
             code = 1
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -94,6 +103,22 @@ def run_app(app: Callable[[], object]) -> NoReturn:
 
 
 def _report(message: str, exc: BaseException) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """The error line and its notes, each one line: messages quote tensor names and paths
+    from the inputs, whose control characters and line breaks are shown escaped."""
+    print(f"error: {printable(message)}", file=sys.stderr)
     for note in getattr(exc, "__notes__", ()):
-        print(note, file=sys.stderr)
+        print(printable(str(note)), file=sys.stderr)
+
+
+def _traceback(exc: BaseException) -> None:
+    """``exc``'s traceback (for -v), its messages escaped as ``_report`` escapes them. The
+    parts Python writes itself (stack frames, the lines between chained exceptions) keep
+    their line breaks."""
+    for part in traceback.TracebackException.from_exception(exc).format():
+        if part.startswith(_TRACEBACK_OWN):
+            print(printable(part, keep="\n"), end="", file=sys.stderr)
+        else:
+            print(printable(part.removesuffix("\n")), file=sys.stderr)
+
+
+_TRACEBACK_OWN = ("Traceback ", "  File ", "  [Previous line", "\n")

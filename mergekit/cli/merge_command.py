@@ -28,6 +28,7 @@ MERGE_FLAGS: list[tuple[str, Any, Any]] = [
     ("quiet", f.Quiet, False),
     ("dry_run", f.DryRun, False),
     ("strict_finite", f.StrictFinite, False),
+    ("allow_nonfinite", f.AllowNonfinite, False),
     ("hash_inputs", f.HashInputs, False),
     ("resume", f.Resume, True),
 ]

@@ -56,6 +56,10 @@ StrictFinite = Annotated[
     bool, typer.Option("--strict-finite", help="Fail on NaN or Inf in an input tensor "
                        "instead of warning.")
 ]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Write a merged tensor that holds NaN or Inf "
+                       "where its inputs do not (overflow), with a warning, instead of failing.")
+]
 Resume = Annotated[
     bool, typer.Option("--resume/--no-resume", help="Keep the shards an interrupted run of the "
                        "same merge finished (default), or start over.")

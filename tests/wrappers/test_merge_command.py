@@ -16,7 +16,8 @@ MERGE_FLAGS = ["--cuda", "--device", "--out-shard-size", "--copy-tokenizer",
                "--no-copy-tokenizer", "--allow-crimes", "--lazy-unpickle", "--random-seed",
                "--clone-tensors", "--trust-remote-code", "--transformers-cache",
                "--write-model-card", "--no-write-model-card", "--verbose", "--quiet",
-               "--dry-run", "--no-resume", "--strict-finite", "--hash-inputs"]
+               "--dry-run", "--no-resume", "--strict-finite", "--allow-nonfinite",
+               "--hash-inputs"]
 WIDE = {"COLUMNS": "200"}  # rich would cut long option names on a narrow terminal
 
 
