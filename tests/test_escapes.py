@@ -55,7 +55,8 @@ def test_dry_run_escapes_tensor_names(tmp_path, hostile_model):
 
 def test_warning_escapes_tensor_names(tmp_path, hostile_model):
     out = tmp_path / "out"
-    proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, hostile_model), out, "-q")
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, hostile_model), out, "-q",
+                   "--no-copy-tokenizer")
     assert proc.returncode == 0, proc.stderr
     assert_escaped(proc.stdout + proc.stderr)
     assert (f"WARNING: model {hostile_model}: tensor {SHOWN} holds NaN or Inf values"
@@ -70,6 +71,7 @@ def test_error_escapes_tensor_names(tmp_path, hostile_model, verbose):
     watched = [tmp_path, hostile_model]
     before = [tree_digest(d, skip=[out]) for d in watched]
     proc = run_cli("mergekit.cli.yaml_cmd", recipe_file, out, "-q", "--strict-finite",
+                   "--no-copy-tokenizer",
                    *(["-v"] if verbose else []))
     assert proc.returncode == 1, proc.stderr
     assert_escaped(proc.stdout + proc.stderr)

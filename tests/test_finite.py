@@ -60,7 +60,7 @@ def test_nan_input_of_slerp_warns(tmp_path, llama_models, nan_model, nan_is):
 def test_strict_finite_refuses(tmp_path, llama_models, nan_model):
     out = tmp_path / "out"
     proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,
-                   "-q", "--strict-finite")
+                   "-q", "--strict-finite", "--no-copy-tokenizer")
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
     assert "Traceback" not in proc.stderr

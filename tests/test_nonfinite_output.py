@@ -89,7 +89,8 @@ def test_float16_overflow_fails_naming_tensor_and_parameters(engine, llama_model
     before = [tree_digest(d, skip=[out]) for d in watched]
     proc = run_cli("mergekit.cli.yaml_cmd", recipe, out, "-q")
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.splitlines()
+    # the tiny models have no tokenizer: that warning comes first
+    lines = [line for line in proc.stderr.splitlines() if "no tokenizer" not in line]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     name = lines[0].removeprefix("error: ").split(":")[0]
     assert name in overflows, lines[0]
