@@ -225,8 +225,12 @@ def dump_yaml(data: Any) -> str:
     """YAML as recipes are written by hand: lists of numbers inline (``[0, 16]``)."""
     import yaml
 
+    from mergekit.recipe_yaml import add_exponent_floats
+
     class Dumper(yaml.SafeDumper):
         pass
+
+    add_exponent_floats(Dumper)  # a string such as '1e5' is read back as a string
 
     def represent_list(dumper: yaml.SafeDumper, items: list[Any]) -> Any:
         flow = all(isinstance(v, int | float | bool | str) for v in items) and all(
@@ -320,7 +324,7 @@ def parse_config(data: Any, source: str = "recipe") -> MergeConfiguration:
 
 def read_recipe(path: str | Path) -> Any:
     """The recipe file's YAML data; unreadable or malformed files are usage errors."""
-    import yaml
+    from mergekit.recipe_yaml import load_yaml
 
     path = Path(path)
     try:
@@ -331,20 +335,7 @@ def read_recipe(path: str | Path) -> Any:
     except UnicodeDecodeError as exc:
         raise usage_error(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                           f"offset {exc.start})", "save the recipe as UTF-8 YAML") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
-            problem = f"unacceptable character #x{exc.character:04x} at offset {exc.position}"
-        else:
-            problem = getattr(exc, "problem", None) or str(exc)
-        problem = " ".join(problem.split())  # one line
-        raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
-    except RecursionError:
-        raise usage_error(str(path), "malformed YAML (nested too deeply)",
-                          "flatten the recipe") from None
+    return load_yaml(text, str(path))
 
 
 def load_config(path: str | Path) -> MergeConfiguration:

@@ -660,7 +660,8 @@ def test_control_character_in_a_recipe_file(tmp_path: Path):
 def test_deeply_nested_recipe_file(tmp_path: Path):
     path = tmp_path / "recipe.yml"
     path.write_text("merge_method: " + "[" * 1500 + "]" * 1500 + "\n")
-    assert load_error(path) == f"{path}: malformed YAML (nested too deeply); flatten the recipe"
+    assert load_error(path) == (f"{path}:1:114: malformed YAML (nested too deeply); flatten "
+                                "the recipe")
 
 
 def test_aliases_expanding_to_a_billion_values_are_cut_short(tmp_path: Path):
@@ -670,9 +671,8 @@ def test_aliases_expanding_to_a_billion_values_are_cut_short(tmp_path: Path):
               "    parameters: {weight: *l8}"]  # 9**9 strings, if expanded
     path = tmp_path / "recipe.yml"
     path.write_text("\n".join(lines) + "\n")
-    message = load_error(path)
-    assert "models[0].parameters.weight: a gradient is a list of numbers, got [[" in message
-    assert len(message) < 1500 and "\n" not in message
+    assert load_error(path) == (f"{path}:6:10: aliases expand the recipe past 100000 values; "
+                                "reuse smaller blocks, or fewer times")
 
 
 def test_python_tags_never_run(tmp_path: Path):

@@ -92,9 +92,8 @@ ERRORS = {
     "end before start": ("layer_slices:\n- {model: a, start: 3, end: 1}\n",
                          "layer_slices[0]: end 1 is not after start 3 (end is exclusive); "
                          "fix the bakllama file"),
-    "malformed YAML": ("layer_slices: [\n- x\n",
-                       ":2:1: malformed YAML (expected the node content, but found '-'); fix "
-                       "the syntax"),
+    # the wording inside the parentheses is libyaml's or PyYAML's, whichever parses
+    "malformed YAML": ("layer_slices: [\n- x\n", ":2:1: malformed YAML ("),
     "not a mapping": ("- a\n- b\n",
                       "expected a mapping with layer_slices, found list; fix the bakllama "
                       "file"),
