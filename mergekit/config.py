@@ -43,21 +43,47 @@ class Conditional(BaseModel):
     value: Scalar | Gradient = Field(description="a scalar, or a gradient (list of numbers)")
 
 
-def _finite(v: Any) -> Any:
+# The merge math is float32: past FLOAT32_MAX a value overflows to inf (every output value
+# NaN or inf), below FLOAT32_TINY it rounds to 0 or keeps a few bits (weights all that
+# small normalise to zeros, not to their average).
+FLOAT32_MAX = (2 - 2**-23) * 2.0**127
+FLOAT32_TINY = 2.0**-126
+
+
+def float32_error(v: int | float) -> str | None:
+    """Why the number ``v`` cannot be a float32 parameter value, or None."""
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"{v} is not a finite number; give a number")
+        return f"{v} is not a finite number; give a number"
+    try:
+        shown = repr(v) if isinstance(v, float) else f"{v:.6g}"
+    except OverflowError:  # an integer past float64
+        shown = short_repr(v)
+    if abs(v) > FLOAT32_MAX:
+        return (f"{shown} does not fit in float32 (largest magnitude {FLOAT32_MAX:.4g}); "
+                "give a smaller number")
+    if v and abs(v) < FLOAT32_TINY:
+        return (f"{shown} is too small for float32 (below {FLOAT32_TINY:.4g} it rounds to 0 "
+                "or loses precision); give 0 or a larger magnitude")
+    return None
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        problem = float32_error(v)
+        if problem:
+            raise ValueError(problem)
     return v
 
 
 def _parse_value(raw: Any) -> Scalar | Gradient:
     if isinstance(raw, bool | int | float | str):
-        return _finite(raw)
+        return _number(raw)
     if isinstance(raw, list | tuple):
         if not raw:
             raise ValueError("a gradient needs at least one number")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
             raise ValueError(f"a gradient is a list of numbers, got {short_repr(raw)}")
-        return tuple(_finite(float(v)) for v in raw)
+        return tuple(float(_number(v)) for v in raw)
     raise ValueError(
         f"expected a number, a list of numbers or {{filter, value}}, got {short_repr(raw)}")
 

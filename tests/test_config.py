@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import write_recipe
 
-from mergekit.config import Conditional, MergeConfiguration, load_config, parse_config
+from mergekit.config import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    Conditional,
+    MergeConfiguration,
+    load_config,
+    parse_config,
+)
 from mergekit.errors import MergeError
 from mergekit.refs import ModelReference
 
@@ -453,3 +461,46 @@ def test_empty_layer_range_allowed_in_first_and_last_slice():
 def test_only_empty_slices_is_an_error():
     msg = parse_error(linear_slices([src(A, 0, 0)], parameters={"weight": 1.0}))
     assert msg.startswith("recipe: slices: no slice takes any layer")
+
+
+# -- numbers the float32 math cannot hold ------------------------------------------------------
+
+def test_float32_bounds_are_float32s_own():
+    info = np.finfo(np.float32)
+    assert FLOAT32_MAX == float(info.max) and FLOAT32_TINY == float(info.tiny)
+
+
+def test_weight_past_float32_is_refused_where_it_is_set(tmp_path: Path):
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(1e39))  # every output value would be NaN or inf
+    path = write_text(tmp_path / "r.yml", "merge_method: linear\nmodels:\n  - model: org/a\n"
+                      "    parameters: {weight: 1}\n  - model: org/b\n"
+                      "    parameters: {weight: 1e39}\n")
+    with pytest.raises(MergeError) as info:
+        load_config(path)
+    assert info.value.exit_code == 2
+    assert str(info.value) == (f"{path}: models[1].parameters.weight: 1e+39 does not fit in "
+                               "float32 (largest magnitude 3.403e+38); give a smaller number")
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1e39, "1e+39 does not fit"), (-1e39, "-1e+39 does not fit"),
+    (10**39, "1e+39 does not fit"), ([0.5, 3.5e38], "3.5e+38 does not fit"),
+    ([0.5, 10**400], "100000000000000000...0000000000000000000 does not fit"),  # past float64
+    ([{"filter": "mlp", "value": [1, -1e39]}, {"value": 1}], "-1e+39 does not fit"),
+    (1e-39, "1e-39 is too small for float32"), ([1, -1e-300], "-1e-300 is too small"),
+])
+def test_values_past_float32_are_refused(value: object, shown: str):
+    recipe = linear_models(input_model_parameters={A: {"weight": value}})
+    assert parse_error(recipe).startswith(f"recipe: input_model_parameters.{A}.weight: {shown}")
+
+
+@pytest.mark.parametrize("value", [FLOAT32_MAX, -FLOAT32_MAX, FLOAT32_TINY, -FLOAT32_TINY, 0,
+                                   0.0, [0, FLOAT32_MAX]])
+def test_values_float32_holds_are_kept(value: object):
+    cfg = parse_config(linear_models(parameters={"weight": value}))
+    setting = cfg.parameters["weight"][0].value
+    assert setting == (tuple(value) if isinstance(value, list) else value)
+    with np.errstate(over="raise", under="raise"):
+        np.float32(setting)
+

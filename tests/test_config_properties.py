@@ -20,7 +20,13 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mergekit.config import MergeConfiguration, load_config, parse_config, recipe_to_plain
+from mergekit.config import (
+    FLOAT32_TINY,
+    MergeConfiguration,
+    load_config,
+    parse_config,
+    recipe_to_plain,
+)
 from mergekit.errors import MergeError
 from mergekit.io.model import ModelSource, open_model
 from mergekit.io.safetensors_file import SafetensorsReader
@@ -90,7 +96,9 @@ def _number_range(method: Method, name: str) -> tuple[float, float]:
 @st.composite
 def number_setting(draw: st.DrawFn, low: float, high: float) -> Any:
     """A scalar, a gradient, or a list of {filter, value} entries ending in a catch-all."""
-    number = st.floats(low, high, allow_nan=False)
+    # no magnitudes below float32's smallest normal number: the recipe refuses them
+    number = st.floats(low, high, allow_nan=False).map(
+        lambda v: 0.0 if abs(v) < FLOAT32_TINY else v)
     gradient = st.lists(number, min_size=1, max_size=5)
     kind = draw(st.sampled_from(["scalar", "gradient", "filters"]))
     if kind == "scalar":
