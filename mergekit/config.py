@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -140,7 +141,8 @@ class InputModelDefinition(_Recipe):
 
 class InputSliceDefinition(_Recipe):
     model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
-    layer_range: tuple[int, int] = Field(
+    # strict: YAML's true, 2.0 and '2' are mistakes, not layer numbers
+    layer_range: tuple[StrictInt, StrictInt] = Field(
         description="[start, end) layers taken from the model; an empty range [n, n] in the "
         "first or last slice adds no layers and only picks the embeddings or the head")
     parameters: Parameters | None = Field(None, description="parameters for this source")

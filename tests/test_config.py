@@ -504,3 +504,56 @@ def test_values_float32_holds_are_kept(value: object):
     with np.errstate(over="raise", under="raise"):
         np.float32(setting)
 
+
+# -- no coercion: a quoted number, a boolean or 2.0 where the type is another ---------------
+
+SLERP = {"merge_method": "slerp", "base_model": A, "models": [{"model": A}, {"model": B}]}
+TIES = {"merge_method": "ties", "base_model": A, "models": [
+    {"model": A}, {"model": B, "parameters": {"weight": 1, "density": 0.5}}]}
+KARCHER = {"merge_method": "karcher", "models": [{"model": A}, {"model": B}]}
+
+
+@pytest.mark.parametrize("recipe, params, message", [
+    (SLERP, {"t": "0.5"}, "parameters.t: '0.5' is a string; give a number, without quotes"),
+    (SLERP, {"t": True}, "parameters.t: true is a boolean; give a number"),
+    (SLERP, {"t": "half"}, "parameters.t: 'half' is a string; give a number"),
+    (SLERP, {"t": [{"filter": "mlp", "value": "1"}, {"value": 0.5}]},
+     "parameters.t: '1' is a string; give a number, without quotes"),
+    (TIES, {"normalize": 1}, "parameters.normalize: 1 is a number; give true or false"),
+    (TIES, {"normalize": "true"},
+     "parameters.normalize: 'true' is a string; give true or false, without quotes"),
+    (TIES, {"consensus": "median"},
+     "parameters.consensus: 'median' is not a choice; give one of: sum, count"),
+    (TIES, {"normalize": [0, 1]},
+     "parameters.normalize: a gradient (list of numbers) does not fit here; give true or "
+     "false"),
+    (KARCHER, {"max_iter": 10.0},
+     "parameters.max_iter: 10.0 is not written as a whole number; drop the decimal point"),
+    (KARCHER, {"max_iter": 1e9},
+     "parameters.max_iter: 1000000000.0 is not written as a whole number; drop the decimal "
+     "point"),
+    (KARCHER, {"max_iter": "10"},
+     "parameters.max_iter: '10' is a string; give a whole number, without quotes"),
+    (KARCHER, {"max_iter": False}, "parameters.max_iter: false is a boolean; give a whole number"),
+])
+def test_parameter_values_are_not_coerced(recipe: dict, params: dict, message: str):
+    assert parse_error({**recipe, "parameters": params}) == f"recipe: {message}"
+
+
+def test_per_model_strings_are_refused_where_set():
+    recipe = {**TIES, "models": [{"model": A}, {"model": B, "parameters": {"weight": "1"}}]}
+    assert parse_error(recipe) == ("recipe: models[1].parameters.weight: '1' is a string; "
+                                   "give a number, without quotes")
+
+
+def test_integers_are_numbers():
+    cfg = parse_config({**SLERP, "parameters": {"t": 1}})
+    assert cfg.parameters["t"][0].value == 1
+
+
+@pytest.mark.parametrize("layer_range", [[False, True], ["0", "2"], [0, 2.0]])
+def test_layer_range_is_two_integers_not_coerced(layer_range: list):
+    message = parse_error(linear_slices([src(A, 0, 2), {"model": B,
+                                                        "layer_range": layer_range}]))
+    assert "slices[0].sources[1].layer_range[" in message
+    assert "Input should be a valid integer" in message
