@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from mergekit.config import short_repr, yaml_key
 from mergekit.errors import MergeError
@@ -120,7 +120,8 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
             )
         spec = method.param(name)
         for cond in setting:
-            problem = _type_error(method, spec, cond.value)
+            problem = (_type_error(method, spec, cond.value)
+                       or _bounds_error(method, spec, cond.value))
             if problem:
                 raise ValueError(f"{where}.{yaml_key(name)}: {problem}")
 
@@ -161,6 +162,24 @@ def _type_error(method: Method, spec: ParamSpec, value: object) -> str | None:
         return (f"{short_repr(value)} is a string; give {expected}"
                 + (", without quotes" if fits else ""))
     return f"{short_repr(value)} is a number; give {expected}"
+
+
+def _bounds_error(method: Method, spec: ParamSpec, value: object) -> str | None:
+    """Why a value (or a gradient anchor: values between anchors stay inside the bounds)
+    is outside the bounds the params model declares for a whole-merge parameter, or None."""
+    from pydantic import TypeAdapter, ValidationError
+
+    info = method.params_model.model_fields[spec.attr]
+    if spec.per_model or not info.metadata:
+        return None
+    adapter = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+    for v in value if isinstance(value, tuple) else (value,):
+        try:
+            adapter.validate_python(v)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            return f"{short_repr(v)} is out of range: {msg[:1].lower()}{msg[1:]}"
+    return None
 
 
 def _is_number(text: str) -> bool:
