@@ -98,6 +98,16 @@ ERRORS = {
                       "expected a mapping with layer_slices, found list; fix the bakllama "
                       "file"),
     "empty file": ("", "expected a mapping with layer_slices, found NoneType"),
+    "scale past float32": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: 1e39}\n",
+                           "layer_slices[0].scale: 1e+39 does not fit in float32"),
+    "scale not finite": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: .nan}\n",
+                         "layer_slices[0].scale: nan is not a finite number"),
+    "quoted scale": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: '0.5'}\n",
+                     "layer_slices[0].scale: Input should be a valid number"),
+    "boolean start": ("layer_slices:\n- {model: a, start: false, end: 2}\n",
+                      "layer_slices[0].start: Input should be a valid integer"),
+    "duplicate key": ("layer_slices:\n- {model: a, start: 0, end: 2}\nlayer_slices: []\n",
+                      ":3:1: duplicate key 'layer_slices' (also on line 1); keep one of them"),
 }
 
 

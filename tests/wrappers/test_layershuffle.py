@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_llama, load_state, read_json, run_cli
+from hostile import assert_nothing_partial, tree_digest
 
 from mergekit.config import parse_config
 from mergekit.wrappers.layershuffle import shuffle_recipe
@@ -121,6 +122,28 @@ def test_weights_need_a_positive_sum(tmp_path, llama_models, weights):
                    "--model", b, "--weight", weights[1])
     assert proc.returncode == 2
     assert "error: --weight: weights must be non-negative with a positive sum" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_weight_that_is_not_a_finite_number(tmp_path, llama_models, value):
+    a, b, _ = llama_models
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = shuffle(out, "--model", a, "--weight", value, "--model", b, "--weight", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: --weight: {value} is not a finite number; give a "
+                           "non-negative number\n")
+    assert tree_digest(tmp_path) == before
+    assert_nothing_partial(out)
+
+
+def test_weights_whose_sum_is_not_finite(tmp_path, llama_models):
+    a, b, _ = llama_models
+    proc = shuffle(tmp_path / "out", "--model", a, "--weight", "1e308", "--model", b,
+                   "--weight", "1e308")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("error: --weight: the weights add up past the largest float; give "
+                           "smaller weights (only their ratios matter)\n")
 
 
 # -- end to end ------------------------------------------------------------------------------
