@@ -146,6 +146,31 @@ def test_weights_whose_sum_is_not_finite(tmp_path, llama_models):
                            "smaller weights (only their ratios matter)\n")
 
 
+@pytest.mark.parametrize("where", ["missing/recipe.yml", "folder"])
+def test_write_yaml_where_no_file_can_be(tmp_path, llama_models, where):
+    a, b, _ = llama_models
+    (tmp_path / "folder").mkdir()
+    target, out = tmp_path / where, tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = shuffle(out, "--model", a, "--weight", "1", "--model", b, "--weight", "1",
+                   "--write-yaml", target)
+    assert proc.returncode == 2, proc.stderr
+    problem = ("is a folder; give a file path" if where == "folder" else
+               f"{target.parent} is not an existing folder; create it first, or give a path "
+               "in an existing folder")
+    assert proc.stderr == f"error: --write-yaml {target}: {problem}\n"
+    assert tree_digest(tmp_path) == before
+    assert_nothing_partial(out)
+
+
+def test_write_yaml_is_relative_to_the_current_folder(tmp_path, llama_models):
+    a, b, _ = llama_models
+    proc = run_cli(SHUFFLE, "--model", a, "--weight", "1", "--model", b, "--weight", "1",
+                   "--print-yaml", "--write-yaml", "recipe.yml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((tmp_path / "recipe.yml").read_text()) == yaml.safe_load(proc.stdout)
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 
