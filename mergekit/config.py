@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -43,21 +44,47 @@ class Conditional(BaseModel):
     value: Scalar | Gradient = Field(description="a scalar, or a gradient (list of numbers)")
 
 
-def _finite(v: Any) -> Any:
+# The merge math is float32: past FLOAT32_MAX a value overflows to inf (every output value
+# NaN or inf), below FLOAT32_TINY it rounds to 0 or keeps a few bits (weights all that
+# small normalise to zeros, not to their average).
+FLOAT32_MAX = (2 - 2**-23) * 2.0**127
+FLOAT32_TINY = 2.0**-126
+
+
+def float32_error(v: int | float) -> str | None:
+    """Why the number ``v`` cannot be a float32 parameter value, or None."""
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"{v} is not a finite number; give a number")
+        return f"{v} is not a finite number; give a number"
+    try:
+        shown = repr(v) if isinstance(v, float) else f"{v:.6g}"
+    except OverflowError:  # an integer past float64
+        shown = short_repr(v)
+    if abs(v) > FLOAT32_MAX:
+        return (f"{shown} does not fit in float32 (largest magnitude {FLOAT32_MAX:.4g}); "
+                "give a smaller number")
+    if v and abs(v) < FLOAT32_TINY:
+        return (f"{shown} is too small for float32 (below {FLOAT32_TINY:.4g} it rounds to 0 "
+                "or loses precision); give 0 or a larger magnitude")
+    return None
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        problem = float32_error(v)
+        if problem:
+            raise ValueError(problem)
     return v
 
 
 def _parse_value(raw: Any) -> Scalar | Gradient:
     if isinstance(raw, bool | int | float | str):
-        return _finite(raw)
+        return _number(raw)
     if isinstance(raw, list | tuple):
         if not raw:
             raise ValueError("a gradient needs at least one number")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
             raise ValueError(f"a gradient is a list of numbers, got {short_repr(raw)}")
-        return tuple(_finite(float(v)) for v in raw)
+        return tuple(float(_number(v)) for v in raw)
     raise ValueError(
         f"expected a number, a list of numbers or {{filter, value}}, got {short_repr(raw)}")
 
@@ -114,7 +141,8 @@ class InputModelDefinition(_Recipe):
 
 class InputSliceDefinition(_Recipe):
     model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
-    layer_range: tuple[int, int] = Field(
+    # strict: YAML's true, 2.0 and '2' are mistakes, not layer numbers
+    layer_range: tuple[StrictInt, StrictInt] = Field(
         description="[start, end) layers taken from the model; an empty range [n, n] in the "
         "first or last slice adds no layers and only picks the embeddings or the head")
     parameters: Parameters | None = Field(None, description="parameters for this source")
@@ -225,8 +253,12 @@ def dump_yaml(data: Any) -> str:
     """YAML as recipes are written by hand: lists of numbers inline (``[0, 16]``)."""
     import yaml
 
+    from mergekit.recipe_yaml import add_exponent_floats
+
     class Dumper(yaml.SafeDumper):
         pass
+
+    add_exponent_floats(Dumper)  # a string such as '1e5' is read back as a string
 
     def represent_list(dumper: yaml.SafeDumper, items: list[Any]) -> Any:
         flow = all(isinstance(v, int | float | bool | str) for v in items) and all(
@@ -320,7 +352,7 @@ def parse_config(data: Any, source: str = "recipe") -> MergeConfiguration:
 
 def read_recipe(path: str | Path) -> Any:
     """The recipe file's YAML data; unreadable or malformed files are usage errors."""
-    import yaml
+    from mergekit.recipe_yaml import load_yaml
 
     path = Path(path)
     try:
@@ -331,20 +363,7 @@ def read_recipe(path: str | Path) -> Any:
     except UnicodeDecodeError as exc:
         raise usage_error(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                           f"offset {exc.start})", "save the recipe as UTF-8 YAML") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
-            problem = f"unacceptable character #x{exc.character:04x} at offset {exc.position}"
-        else:
-            problem = getattr(exc, "problem", None) or str(exc)
-        problem = " ".join(problem.split())  # one line
-        raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
-    except RecursionError:
-        raise usage_error(str(path), "malformed YAML (nested too deeply)",
-                          "flatten the recipe") from None
+    return load_yaml(text, str(path))
 
 
 def load_config(path: str | Path) -> MergeConfiguration:

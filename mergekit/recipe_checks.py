@@ -5,7 +5,9 @@ Each check raises ValueError whose text starts with the YAML path of the field.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import typing
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from mergekit.config import short_repr, yaml_key
 from mergekit.errors import MergeError
@@ -13,7 +15,7 @@ from mergekit.refs import parse_model_reference
 
 if TYPE_CHECKING:
     from mergekit.config import MergeConfiguration, Parameters
-    from mergekit.methods.registry import Method
+    from mergekit.methods.registry import Method, ParamSpec
 
 
 def check_recipe(cfg: MergeConfiguration) -> None:
@@ -105,7 +107,7 @@ def _check_empty_slices(cfg: MergeConfiguration) -> None:
 
 def _check_params(method: Method, params: Parameters | None, where: str) -> None:
     known = {p.name for p in method.params}
-    for name in params or {}:
+    for name, setting in (params or {}).items():
         if name not in known:
             import difflib
 
@@ -116,6 +118,75 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
                 f"{short_repr(name)}; {hint or 'remove it '}"
                 f"(its parameters: {', '.join(sorted(known)) or 'none'})"
             )
+        spec = method.param(name)
+        for cond in setting:
+            problem = (_type_error(method, spec, cond.value)
+                       or _bounds_error(method, spec, cond.value))
+            if problem:
+                raise ValueError(f"{where}.{yaml_key(name)}: {problem}")
+
+
+def _type_error(method: Method, spec: ParamSpec, value: object) -> str | None:
+    """Why ``value`` does not fit the parameter's type, or None. Nothing is coerced: a
+    quoted '0.5' or a true where a number belongs is a mistake the recipe should show."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if spec.kind == "float":
+        ok, expected = number or isinstance(value, tuple), "a number"
+    elif spec.kind == "int":
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif spec.kind == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    else:
+        annotation = method.params_model.model_fields[spec.attr].annotation
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        if not choices:
+            return None  # a type the recipe cannot write; the params model decides
+        ok = isinstance(value, str) and value in choices
+        expected = "one of: " + ", ".join(map(str, choices))
+    if ok:
+        return None
+    if isinstance(value, tuple):
+        return f"a gradient (list of numbers) does not fit here; give {expected}"
+    if spec.kind == "Literal":
+        return f"{short_repr(value)} is not a choice; give {expected}"
+    if isinstance(value, float) and spec.kind == "int":
+        if value.is_integer():
+            return f"{value!r} is not written as a whole number; drop the decimal point"
+        return f"{value!r} is not a whole number; give {expected}"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} is a boolean; give {expected}"
+    if isinstance(value, str):
+        bare = value.strip().lower()
+        fits = {"float": _is_number, "int": str.isdigit,
+                "bool": lambda v: v in ("true", "false")}[spec.kind](bare)
+        return (f"{short_repr(value)} is a string; give {expected}"
+                + (", without quotes" if fits else ""))
+    return f"{short_repr(value)} is a number; give {expected}"
+
+
+def _bounds_error(method: Method, spec: ParamSpec, value: object) -> str | None:
+    """Why a value (or a gradient anchor: values between anchors stay inside the bounds)
+    is outside the bounds the params model declares for a whole-merge parameter, or None."""
+    from pydantic import TypeAdapter, ValidationError
+
+    info = method.params_model.model_fields[spec.attr]
+    if spec.per_model or not info.metadata:
+        return None
+    adapter = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+    for v in value if isinstance(value, tuple) else (value,):
+        try:
+            adapter.validate_python(v)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            return f"{short_repr(v)} is out of range: {msg[:1].lower()}{msg[1:]}"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _check_base_and_count(

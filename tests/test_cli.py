@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,75 @@ def test_console_scripts_flush_output_and_keep_the_exit_code(tmp_path):
     lines = proc.stdout.splitlines()
     assert len(lines) == 20000 and lines[-1] == "line 19999"
     assert proc.stderr == "last words"
+
+
+# -- hostile recipes: refused before any weight is read, one line, exit 2 ---------------------
+
+def _alias_bomb(models: list[str]) -> str:
+    """About 250 KB: one 30000-anchor gradient, aliased by 1000 model entries (30 million
+    values once expanded: gigabytes, and as large a recipe copy, card and manifest)."""
+    gradient = ", ".join(f"{(i % 97) / 97:.3f}" for i in range(30_000))
+    entries = "".join(f"  - {{model: {models[i % 2]}, parameters: {{weight: *g}}}}\n"
+                      for i in range(1000))
+    return f"merge_method: linear\ngradient: &g [{gradient}]\nmodels:\n{entries}"
+
+
+HOSTILE_RECIPES = {
+    # name -> (recipe text, the error line after "error: {recipe}")
+    "weight past float32": (
+        "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 1}}}}\n"
+        "  - {{model: {b}, parameters: {{weight: 1e39}}}}\n",
+        ": models[1].parameters.weight: 1e+39 does not fit in float32 (largest magnitude "
+        "3.403e+38); give a smaller number"),
+    "nan gradient anchor": (
+        "merge_method: linear\nmodels:\n  - {{model: {a}}}\n  - {{model: {b}}}\n"
+        "parameters:\n  weight: [0.5, .nan]\n",
+        ": parameters.weight: nan is not a finite number; give a number"),
+    "duplicate key": (
+        "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 1}}}}\n"
+        "merge_method: passthrough\n",
+        ":4:1: duplicate key 'merge_method' (also on line 1); keep one of them"),
+    "alias bomb": (  # three aliases stay within 100000 values, the fourth (line 7) does not
+        None, ":7:{col}: aliases expand the recipe past 100000 values; reuse smaller blocks, "
+        "or fewer times"),
+    "deep nesting": (
+        "merge_method: " + "[" * 200_000 + "]" * 200_000 + "\n",
+        ":1:114: malformed YAML (nested too deeply); flatten the recipe"),
+    "endless karcher": (
+        "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+        "parameters: {{max_iter: 1000000000, tol: 0}}\n",
+        ": parameters.max_iter: 1000000000 is out of range: input should be less than or "
+        "equal to 1000"),
+    "quoted number": (
+        "merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+        "parameters: {{t: '0.5'}}\n",
+        ": parameters.t: '0.5' is a string; give a number, without quotes"),
+    "boolean layer range": (
+        "merge_method: passthrough\nslices:\n"
+        "  - sources: [{{model: {a}, layer_range: [false, true]}}]\n",
+        ": slices[0].sources[0].layer_range[0]: Input should be a valid integer; "
+        "slices[0].sources[0].layer_range[1]: Input should be a valid integer"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_RECIPES))
+def test_hostile_recipe(tmp_path, llama_models, name):
+    from hostile import assert_nothing_partial, tree_digest
+
+    text, error = HOSTILE_RECIPES[name]
+    a, b = (str(m) for m in llama_models[:2])
+    recipe = tmp_path / "recipe.yml"
+    text = _alias_bomb([a, b]) if text is None else text.format(a=a, b=b)
+    recipe.write_text(text)
+    if "{col}" in error:
+        error = error.format(col=text.splitlines()[6].find("*g") + 1)
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path)
+    started = time.monotonic()
+    proc = yaml_cmd(recipe, out)
+    # the bomb took 130 s and 2.4 GB; nesting crashed libyaml's own composer
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: {recipe}{error}\n"
+    assert tree_digest(tmp_path) == before
+    assert_nothing_partial(out)

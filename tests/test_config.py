@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import write_recipe
 
-from mergekit.config import Conditional, MergeConfiguration, load_config, parse_config
+from mergekit.config import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    Conditional,
+    MergeConfiguration,
+    load_config,
+    parse_config,
+)
 from mergekit.errors import MergeError
 from mergekit.refs import ModelReference
 
@@ -453,3 +461,99 @@ def test_empty_layer_range_allowed_in_first_and_last_slice():
 def test_only_empty_slices_is_an_error():
     msg = parse_error(linear_slices([src(A, 0, 0)], parameters={"weight": 1.0}))
     assert msg.startswith("recipe: slices: no slice takes any layer")
+
+
+# -- numbers the float32 math cannot hold ------------------------------------------------------
+
+def test_float32_bounds_are_float32s_own():
+    info = np.finfo(np.float32)
+    assert FLOAT32_MAX == float(info.max) and FLOAT32_TINY == float(info.tiny)
+
+
+def test_weight_past_float32_is_refused_where_it_is_set(tmp_path: Path):
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(1e39))  # every output value would be NaN or inf
+    path = write_text(tmp_path / "r.yml", "merge_method: linear\nmodels:\n  - model: org/a\n"
+                      "    parameters: {weight: 1}\n  - model: org/b\n"
+                      "    parameters: {weight: 1e39}\n")
+    with pytest.raises(MergeError) as info:
+        load_config(path)
+    assert info.value.exit_code == 2
+    assert str(info.value) == (f"{path}: models[1].parameters.weight: 1e+39 does not fit in "
+                               "float32 (largest magnitude 3.403e+38); give a smaller number")
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1e39, "1e+39 does not fit"), (-1e39, "-1e+39 does not fit"),
+    (10**39, "1e+39 does not fit"), ([0.5, 3.5e38], "3.5e+38 does not fit"),
+    ([0.5, 10**400], "100000000000000000...0000000000000000000 does not fit"),  # past float64
+    ([{"filter": "mlp", "value": [1, -1e39]}, {"value": 1}], "-1e+39 does not fit"),
+    (1e-39, "1e-39 is too small for float32"), ([1, -1e-300], "-1e-300 is too small"),
+])
+def test_values_past_float32_are_refused(value: object, shown: str):
+    recipe = linear_models(input_model_parameters={A: {"weight": value}})
+    assert parse_error(recipe).startswith(f"recipe: input_model_parameters.{A}.weight: {shown}")
+
+
+@pytest.mark.parametrize("value", [FLOAT32_MAX, -FLOAT32_MAX, FLOAT32_TINY, -FLOAT32_TINY, 0,
+                                   0.0, [0, FLOAT32_MAX]])
+def test_values_float32_holds_are_kept(value: object):
+    cfg = parse_config(linear_models(parameters={"weight": value}))
+    setting = cfg.parameters["weight"][0].value
+    assert setting == (tuple(value) if isinstance(value, list) else value)
+    with np.errstate(over="raise", under="raise"):
+        np.float32(setting)
+
+
+# -- no coercion: a quoted number, a boolean or 2.0 where the type is another ---------------
+
+SLERP = {"merge_method": "slerp", "base_model": A, "models": [{"model": A}, {"model": B}]}
+TIES = {"merge_method": "ties", "base_model": A, "models": [
+    {"model": A}, {"model": B, "parameters": {"weight": 1, "density": 0.5}}]}
+KARCHER = {"merge_method": "karcher", "models": [{"model": A}, {"model": B}]}
+
+
+@pytest.mark.parametrize("recipe, params, message", [
+    (SLERP, {"t": "0.5"}, "parameters.t: '0.5' is a string; give a number, without quotes"),
+    (SLERP, {"t": True}, "parameters.t: true is a boolean; give a number"),
+    (SLERP, {"t": "half"}, "parameters.t: 'half' is a string; give a number"),
+    (SLERP, {"t": [{"filter": "mlp", "value": "1"}, {"value": 0.5}]},
+     "parameters.t: '1' is a string; give a number, without quotes"),
+    (TIES, {"normalize": 1}, "parameters.normalize: 1 is a number; give true or false"),
+    (TIES, {"normalize": "true"},
+     "parameters.normalize: 'true' is a string; give true or false, without quotes"),
+    (TIES, {"consensus": "median"},
+     "parameters.consensus: 'median' is not a choice; give one of: sum, count"),
+    (TIES, {"normalize": [0, 1]},
+     "parameters.normalize: a gradient (list of numbers) does not fit here; give true or "
+     "false"),
+    (KARCHER, {"max_iter": 10.0},
+     "parameters.max_iter: 10.0 is not written as a whole number; drop the decimal point"),
+    (KARCHER, {"max_iter": 1e9},
+     "parameters.max_iter: 1000000000.0 is not written as a whole number; drop the decimal "
+     "point"),
+    (KARCHER, {"max_iter": "10"},
+     "parameters.max_iter: '10' is a string; give a whole number, without quotes"),
+    (KARCHER, {"max_iter": False}, "parameters.max_iter: false is a boolean; give a whole number"),
+])
+def test_parameter_values_are_not_coerced(recipe: dict, params: dict, message: str):
+    assert parse_error({**recipe, "parameters": params}) == f"recipe: {message}"
+
+
+def test_per_model_strings_are_refused_where_set():
+    recipe = {**TIES, "models": [{"model": A}, {"model": B, "parameters": {"weight": "1"}}]}
+    assert parse_error(recipe) == ("recipe: models[1].parameters.weight: '1' is a string; "
+                                   "give a number, without quotes")
+
+
+def test_integers_are_numbers():
+    cfg = parse_config({**SLERP, "parameters": {"t": 1}})
+    assert cfg.parameters["t"][0].value == 1
+
+
+@pytest.mark.parametrize("layer_range", [[False, True], ["0", "2"], [0, 2.0]])
+def test_layer_range_is_two_integers_not_coerced(layer_range: list):
+    message = parse_error(linear_slices([src(A, 0, 2), {"model": B,
+                                                        "layer_range": layer_range}]))
+    assert "slices[0].sources[1].layer_range[" in message
+    assert "Input should be a valid integer" in message

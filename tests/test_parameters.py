@@ -6,10 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from mergekit.config import Conditional, parse_config
 from mergekit.io.model import open_model
 from mergekit.io.safetensors_file import SafetensorsReader
+from mergekit.methods.registry import get_method
 from mergekit.parameters import interpolate_gradient, resolve
 from mergekit.plan import MergePlan, TensorJob, build_plan
 
@@ -235,3 +237,23 @@ def test_gradient_through_the_levels(llama_models: list[Path], reader: Safetenso
         assert job(plan, UP.format(i)).params["t"] == pytest.approx(1.0 - i / 3)
     assert job(plan, EMBED).params["t"] == pytest.approx(1.0)  # t = 0 outside the layers
     assert job(plan, NORM).params["t"] == pytest.approx(1.0)
+
+
+# -- the methods' parameter models coerce nothing ----------------------------------------------
+
+@pytest.mark.parametrize("method, values", [
+    ("slerp", {"t": "0.5"}), ("slerp", {"t": True}), ("linear", {"weight": ("1",)}),
+    ("linear", {"weight": (True,)}), ("linear", {"weight": (1.0,), "normalize": 1}),
+    ("linear", {"weight": (1.0,), "normalize": "true"}),
+    ("ties", {"weight": (1.0,), "consensus": 1}), ("karcher", {"max_iter": 10.0}),
+])
+def test_params_models_refuse_strings_booleans_and_floats_for_other_types(
+        method: str, values: dict):
+    with pytest.raises(ValidationError):
+        get_method(method).make_params(values)
+
+
+def test_params_models_take_integers_for_floats_and_lists_for_per_model_tuples():
+    params = get_method("linear").make_params({"weight": [1, 2.5], "normalize": False})
+    assert params.weight == (1.0, 2.5) and all(type(w) is float for w in params.weight)
+    assert get_method("slerp").make_params({"t": 1}).t == 1.0

@@ -83,9 +83,15 @@ def run_recipe(
         from mergekit.config import parse_config
 
         options = merge_options(flags)
+        if write_yaml is not None:  # before the recipe's translation reads any header
+            _check_writable(write_yaml)
         config = parse_config(recipe(), source)
         if write_yaml is not None:
-            write_yaml.write_text(config.to_yaml())
+            try:
+                write_yaml.write_text(config.to_yaml())
+            except OSError as exc:
+                raise usage_error(f"--write-yaml {write_yaml}", f"cannot write the recipe "
+                                  f"({exc.strerror})", "give a writable file path") from None
         if print_yaml:
             print(config.to_yaml(), end="")
             return
@@ -99,3 +105,14 @@ def run_recipe(
         run_merge(config, out, options)
 
     guarded(run, flags["verbose"])
+
+
+def _check_writable(path: Path) -> None:
+    """--write-yaml's folder exists and the path is not a folder (it is relative to the
+    current folder, not to OUT)."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise usage_error(f"--write-yaml {path}", f"{folder} is not an existing folder",
+                          "create it first, or give a path in an existing folder")
+    if path.is_dir():
+        raise usage_error(f"--write-yaml {path}", "is a folder", "give a file path")

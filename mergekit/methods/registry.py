@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from pydantic.fields import FieldInfo
 
 from mergekit.errors import usage_error
@@ -35,8 +35,8 @@ class _PerModel:
 PER_MODEL = _PerModel()
 
 # A per-model number: the recipe gives a scalar (or gradient) per model; the method
-# receives a tuple with one float per input tensor.
-PerModelFloat = Annotated[tuple[float, ...], PER_MODEL]
+# receives a tuple with one float per input tensor (a list is taken too; its items strictly).
+PerModelFloat = Annotated[tuple[Annotated[float, Strict()], ...], Strict(False), PER_MODEL]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class UsualRange:
 class MethodParams(BaseModel):
     """Base class of every method's parameter model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: no '0.5' or true taken as a number, no 1 as true (an int is a float still)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class PositionalParams(MethodParams):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Output projections of attention and MLP blocks, by naming convention (Llama-style,
 # GPT-2, GPT-NeoX): the tensors a slice's `scale` multiplies.
@@ -14,12 +14,23 @@ SCALED_TENSORS = ("self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_pro
 
 
 class LayerSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a quoted '2' or a true is a mistake in the file, not a number
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(description="model to take the layers from")
     start: int = Field(ge=0, description="first layer taken")
     end: int = Field(ge=0, description="layer after the last one taken (exclusive)")
     scale: float | None = Field(None, description="multiplies the slice's attention output "
                                 "and MLP down projections")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float | None) -> float | None:
+        from mergekit.config import float32_error
+
+        problem = None if v is None else float32_error(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _range(self) -> LayerSlice:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -36,9 +37,16 @@ def layershuffle_from_models(models: list[str], weights: list[float], seed: int 
     if len(weights) != len(models):
         raise usage_error("--weight", f"given {len(weights)} times for {len(models)} --model",
                           "give one --weight per --model, in order")
+    for w in weights:
+        if not math.isfinite(w):
+            raise usage_error("--weight", f"{w} is not a finite number",
+                              "give a non-negative number")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise usage_error("--weight", "weights must be non-negative with a positive sum",
                           "fix the weights")
+    if math.isinf(sum(weights)):
+        raise usage_error("--weight", "the weights add up past the largest float",
+                          "give smaller weights (only their ratios matter)")
     counts = {}
     reader = SafetensorsReader()
     try:

@@ -9,6 +9,7 @@ from mergekit.errors import usage_error
 
 def _per_model(flag: str, values: list[float], count: int) -> list[float | None]:
     """One value for all merged models, or one per --merge, in order."""
+    _check_numbers(flag, values)
     if not values:
         return [None] * count
     if len(values) == 1:
@@ -18,6 +19,16 @@ def _per_model(flag: str, values: list[float], count: int) -> list[float | None]
     raise usage_error(
         flag, f"given {len(values)} times for {count} --merge models",
         f"give it once (for all) or {count} times (once per --merge, in order)")
+
+
+def _check_numbers(flag: str, values: list[float]) -> None:
+    """Values the recipe refuses (NaN, inf, past float32) named by the flag that gave them."""
+    from mergekit.config import float32_error
+
+    for v in values:
+        problem = float32_error(v)
+        if problem:
+            raise usage_error(flag, problem)
 
 
 def legacy_recipe(
@@ -56,6 +67,7 @@ def legacy_recipe(
             raise usage_error("--merge", "slerp interpolates --base-model and one --merge "
                               "model", "give --base-model and exactly one --merge")
         recipe["models"] = [{"model": base_model}, {"model": merges[0]}]
+        _check_numbers("--weight", weights)
         params["t"] = weights[0]
     else:
         if weights and "weight" not in names:

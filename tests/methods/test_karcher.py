@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_state
+from pydantic import ValidationError
 
+from mergekit.config import parse_config
+from mergekit.errors import MergeError
+from mergekit.methods.karcher import MAX_ITER
 from mergekit.methods.registry import get_method
 
 
@@ -118,3 +122,39 @@ def test_merge_matches_reference(llama_models, merge):
                                [1.0, 2.0, 1.0])
         np.testing.assert_allclose(M[name].numpy(), expected, rtol=1e-4, atol=1e-6,
                                    err_msg=name)
+
+
+# -- bounds: a recipe cannot make the iteration endless ----------------------------------------
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_iter": 1_000_000_000, "tol": 0.001},
+     f"max_iter: 1000000000 is out of range: input should be less than or equal to {MAX_ITER}"),
+    ({"tol": 0}, "tol: 0 is out of range: input should be greater than 0"),
+    ({"tol": [1e-5, -1e-5]}, "tol: -1e-05 is out of range: input should be greater than 0"),
+    ({"max_iter": -1}, "max_iter: -1 is out of range: input should be greater than or equal "
+     "to 0"),
+])
+def test_recipe_bounds(params: dict, message: str):
+    recipe = {"merge_method": "karcher", "models": [{"model": "org/a"}, {"model": "org/b"}],
+              "parameters": params}
+    with pytest.raises(MergeError) as info:
+        parse_config(recipe)
+    assert info.value.exit_code == 2
+    assert str(info.value) == f"recipe: parameters.{message}"
+
+
+@pytest.mark.parametrize("params", [{"max_iter": MAX_ITER + 1}, {"tol": 0.0}, {"tol": -1.0},
+                                    {"max_iter": "10"}, {"tol": True}])
+def test_params_model_bounds(params: dict):
+    with pytest.raises(ValidationError):
+        get_method("karcher").make_params({"weight": (1.0, 1.0), **params})
+
+
+def test_most_iterations_with_a_tol_never_reached():
+    # tol below what float64 rounding lets the step reach: every iteration runs
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(size=(5,)).astype(np.float32) for _ in range(4)]
+    weights = [1.0, 2.0, 3.0, 4.0]
+    np.testing.assert_allclose(run(xs, weights, max_iter=MAX_ITER, tol=1e-300),
+                               karcher_ref(xs, weights, max_iter=MAX_ITER, tol=1e-300),
+                               rtol=1e-5, atol=1e-6)

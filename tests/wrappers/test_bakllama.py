@@ -92,13 +92,22 @@ ERRORS = {
     "end before start": ("layer_slices:\n- {model: a, start: 3, end: 1}\n",
                          "layer_slices[0]: end 1 is not after start 3 (end is exclusive); "
                          "fix the bakllama file"),
-    "malformed YAML": ("layer_slices: [\n- x\n",
-                       ":2:1: malformed YAML (expected the node content, but found '-'); fix "
-                       "the syntax"),
+    # the wording inside the parentheses is libyaml's or PyYAML's, whichever parses
+    "malformed YAML": ("layer_slices: [\n- x\n", ":2:1: malformed YAML ("),
     "not a mapping": ("- a\n- b\n",
                       "expected a mapping with layer_slices, found list; fix the bakllama "
                       "file"),
     "empty file": ("", "expected a mapping with layer_slices, found NoneType"),
+    "scale past float32": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: 1e39}\n",
+                           "layer_slices[0].scale: 1e+39 does not fit in float32"),
+    "scale not finite": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: .nan}\n",
+                         "layer_slices[0].scale: nan is not a finite number"),
+    "quoted scale": ("layer_slices:\n- {model: a, start: 0, end: 2, scale: '0.5'}\n",
+                     "layer_slices[0].scale: Input should be a valid number"),
+    "boolean start": ("layer_slices:\n- {model: a, start: false, end: 2}\n",
+                      "layer_slices[0].start: Input should be a valid integer"),
+    "duplicate key": ("layer_slices:\n- {model: a, start: 0, end: 2}\nlayer_slices: []\n",
+                      ":3:1: duplicate key 'layer_slices' (also on line 1); keep one of them"),
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_llama, load_state, read_json, run_cli
+from hostile import assert_nothing_partial, tree_digest
 
 from mergekit.config import parse_config
 from mergekit.wrappers.layershuffle import shuffle_recipe
@@ -121,6 +122,53 @@ def test_weights_need_a_positive_sum(tmp_path, llama_models, weights):
                    "--model", b, "--weight", weights[1])
     assert proc.returncode == 2
     assert "error: --weight: weights must be non-negative with a positive sum" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_weight_that_is_not_a_finite_number(tmp_path, llama_models, value):
+    a, b, _ = llama_models
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = shuffle(out, "--model", a, "--weight", value, "--model", b, "--weight", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: --weight: {value} is not a finite number; give a "
+                           "non-negative number\n")
+    assert tree_digest(tmp_path) == before
+    assert_nothing_partial(out)
+
+
+def test_weights_whose_sum_is_not_finite(tmp_path, llama_models):
+    a, b, _ = llama_models
+    proc = shuffle(tmp_path / "out", "--model", a, "--weight", "1e308", "--model", b,
+                   "--weight", "1e308")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("error: --weight: the weights add up past the largest float; give "
+                           "smaller weights (only their ratios matter)\n")
+
+
+@pytest.mark.parametrize("where", ["missing/recipe.yml", "folder"])
+def test_write_yaml_where_no_file_can_be(tmp_path, llama_models, where):
+    a, b, _ = llama_models
+    (tmp_path / "folder").mkdir()
+    target, out = tmp_path / where, tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = shuffle(out, "--model", a, "--weight", "1", "--model", b, "--weight", "1",
+                   "--write-yaml", target)
+    assert proc.returncode == 2, proc.stderr
+    problem = ("is a folder; give a file path" if where == "folder" else
+               f"{target.parent} is not an existing folder; create it first, or give a path "
+               "in an existing folder")
+    assert proc.stderr == f"error: --write-yaml {target}: {problem}\n"
+    assert tree_digest(tmp_path) == before
+    assert_nothing_partial(out)
+
+
+def test_write_yaml_is_relative_to_the_current_folder(tmp_path, llama_models):
+    a, b, _ = llama_models
+    proc = run_cli(SHUFFLE, "--model", a, "--weight", "1", "--model", b, "--weight", "1",
+                   "--print-yaml", "--write-yaml", "recipe.yml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((tmp_path / "recipe.yml").read_text()) == yaml.safe_load(proc.stdout)
 
 
 # -- end to end ------------------------------------------------------------------------------

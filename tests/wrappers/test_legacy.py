@@ -169,6 +169,20 @@ ERRORS = {
     "bad shard size": (
         ["--base-model", "b", "--merge", "m", "--weight", "1", "--out-shard-size", "5X"],
         "error: --out-shard-size: '5X' is not a size"),
+    "weight nan": (
+        ["--base-model", "b", "--merge", "m", "--weight", "nan"],
+        "error: --weight: nan is not a finite number; give a number\n"),
+    "density inf": (
+        ["--base-model", "b", "--merge", "m", "--weight", "1", "--density", "-inf"],
+        "error: --density: -inf is not a finite number; give a number\n"),
+    "weight past float32": (
+        ["--method", "linear", "--merge", "m1", "--merge", "m2", "--weight", "1",
+         "--weight", "1e39"],
+        "error: --weight: 1e+39 does not fit in float32 (largest magnitude 3.403e+38); give a "
+        "smaller number\n"),
+    "slerp t inf": (
+        ["--method", "slerp", "--base-model", "b", "--merge", "m", "--weight", "inf"],
+        "error: --weight: inf is not a finite number; give a number\n"),
 }
 
 
