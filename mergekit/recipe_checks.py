@@ -6,8 +6,7 @@ Each check raises ValueError whose text starts with the YAML path of the field.
 from __future__ import annotations
 
 import math
-import typing
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 from mergekit.config import short_repr, yaml_key
 from mergekit.errors import MergeError
@@ -136,18 +135,16 @@ def _type_error(method: Method, spec: ParamSpec, value: object) -> str | None:
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
     elif spec.kind == "bool":
         ok, expected = isinstance(value, bool), "true or false"
+    elif spec.choices:
+        ok = isinstance(value, str) and value in spec.choices
+        expected = "one of: " + ", ".join(map(str, spec.choices))
     else:
-        annotation = method.params_model.model_fields[spec.attr].annotation
-        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
-        if not choices:
-            return None  # a type the recipe cannot write; the params model decides
-        ok = isinstance(value, str) and value in choices
-        expected = "one of: " + ", ".join(map(str, choices))
+        return None  # a type the recipe cannot write; the params model decides
     if ok:
         return None
     if isinstance(value, tuple):
         return f"a gradient (list of numbers) does not fit here; give {expected}"
-    if spec.kind == "Literal":
+    if spec.choices:
         return f"{short_repr(value)} is not a choice; give {expected}"
     if isinstance(value, float) and spec.kind == "int":
         if value.is_integer():

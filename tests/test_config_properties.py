@@ -14,7 +14,7 @@ import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -80,7 +80,7 @@ yaml_like = st.recursive(
 def _literal_choices(method: Method, name: str) -> tuple[str, ...]:
     spec = method.param(name)
     annotation = method.params_model.model_fields[spec.attr].annotation
-    return typing.get_args(annotation)
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
 
 
 def _number_range(method: Method, name: str) -> tuple[float, float]:
@@ -120,7 +120,7 @@ def global_setting(method: Method, name: str) -> st.SearchStrategy[Any]:
         return st.booleans()
     if spec.kind == "int":
         return st.integers(1, 5)
-    if spec.kind == "Literal":
+    if _literal_choices(method, name):
         return st.sampled_from(_literal_choices(method, name))
     return number_setting(*_number_range(method, name))
 
