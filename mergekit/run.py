@@ -4,20 +4,20 @@ folder, write those files and the manifest, move it into place."""
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from mergekit.backends import Backend, NumpyBackend, numpy_can_run, torch_backend
 from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
-from mergekit.execute import FiniteCheck, execute_job
-from mergekit.execute_numpy import execute_job_numpy, numpy_can_run
+from mergekit.execute import execute_job, job_params
+from mergekit.failpoints import failpoint
+from mergekit.finite import FiniteCheck
 from mergekit.io import artifacts, output_folder
-from mergekit.io.journal import Journal, fingerprint, keep_partial_work, stop_for_test
+from mergekit.io.journal import Journal, fingerprint, keep_partial_work
 from mergekit.io.manifest import MANIFEST, write_manifest
 from mergekit.io.model import ModelSource, open_model
 from mergekit.io.readahead import Readahead
@@ -29,7 +29,7 @@ from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
 from mergekit.refs import ModelReference, parse_model_reference
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger("mergekit")
 
@@ -83,7 +83,7 @@ def run_merge(
             with output_folder.writing(tmp / MANIFEST):
                 write_manifest(tmp, {**provenance, "shards": hashes},
                                skip={output_folder.JOURNAL, output_folder.LOCK})
-            stop_for_test("before-move")
+            failpoint("before-move")
             journal.close()
             output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
             lock.release(None)
@@ -95,15 +95,6 @@ def run_merge(
     if not options.quiet:
         log.info("merged %d tensors into %s", len(plan.jobs), out)
     return plan
-
-
-def _device(options: MergeOptions) -> torch.device:
-    import torch
-
-    device = torch.device(options.torch_device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error("--cuda", "no CUDA device is available", "run without --cuda")
-    return device
 
 
 def _write_weights(
@@ -123,88 +114,53 @@ def _write_weights(
                            if name not in hashes for j in jobs], sources)
     method = get_method(plan.method)
     check = FiniteCheck(options.strict_finite, options.allow_nonfinite)
-    added = 0  # tensors written by this run (for the test hook)
-    on_numpy = _numpy_runs(plan, sources, options)
+    added = 0  # tensors merged by this run (for the fault-injection points)
     # the readahead starts first: the disk reads the first inputs while torch loads
-    with readahead, (nullcontext(0) if on_numpy else _torch_threads()) as threads, tqdm(
+    with readahead, _backend(plan, sources, options) as backend, tqdm(
             total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
             disable=options.quiet, dynamic_ncols=True) as bar:
-        device = None if on_numpy else _device(options)
-        cpu_threads = threads if device is not None and device.type == "cpu" else None
         for number, (filename, jobs) in enumerate(zip(plan.shard_files, by_shard), 1):
             weight_map.update((j.output_name, filename) for j in jobs)
             if filename in hashes:  # finished by an earlier run
                 bar.update(sum(j.nbytes for j in jobs))
                 continue
-            stop_for_test(f"shard-start:{number}")
+            failpoint("shard-start", number)
             entries = [ShardEntry(j.output_name, j.dtype, j.shape) for j in jobs]
             writer = ShardWriter(tmp / filename, entries)
             try:
                 for job in jobs:
                     readahead.next_job()
-                    if device is None:
-                        for array in execute_job_numpy(job, method, sources, check):
-                            writer.add(job.output_name, array, job.dtype)
-                    else:
-                        for chunk in execute_job(job, method, sources, device, check,
-                                                 cpu_threads):
-                            writer.add(job.output_name, chunk)
+                    for chunk in execute_job(job, method, sources, backend, check):
+                        writer.add(job.output_name, chunk, job.dtype)
                     bar.update(job.nbytes)
                     added += 1
-                    stop_for_test(f"tensor:{added}")
+                    failpoint("tensor", added)
                 hashes[filename] = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
             journal.add(filename, hashes[filename])
-            stop_for_test(f"shard-done:{number}")
+            failpoint("shard-done", number)
     if len(plan.shard_files) > 1:
         with output_folder.writing(tmp / INDEX):
             write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
 
 
-# CPU merges of methods that take arrays run on numpy (``execute_numpy.py``) wherever the
-# dtypes allow: it skips torch's import (a second, 200 MB) and measured as fast or faster at
-# each size tried. 2 cores, times of alternating runs, numpy against torch: 3-model linear,
-# 0.53 GB of output, 1.3-1.5 s against 2.2 s; 2.2 GB, 4.8-5.3 s against 5.7-7.0 s; slerp,
-# 2.2 GB, 4.9-5.5 s against 6.0-6.6 s; peak RSS 60 MB instead of 350-450 MB. Tests set it
-# False to run torch.
+# Tests set it False to run torch where numpy would run.
 NUMPY_ENGINE = True
 
 
-def _numpy_runs(plan: MergePlan, sources: Mapping[str, ModelSource],
-                options: MergeOptions) -> bool:
-    """Whether the merge runs on numpy (``execute_numpy.py``) instead of torch."""
+def _backend(plan: MergePlan, sources: Mapping[str, ModelSource],
+             options: MergeOptions) -> AbstractContextManager[Backend]:
+    """The one place that decides the backend: numpy for CPU merges that it can run
+    (``backends.py``), else torch on the chosen device."""
     method = get_method(plan.method)
-    return (NUMPY_ENGINE and options.torch_device == "cpu" and bool(method.arrays)
-            and all(numpy_can_run(job, method, sources) for job in plan.jobs))
-
-
-def import_torch() -> ModuleType:
-    """Import torch with Python's cyclic garbage collector paused (and then restored as it
-    was). The import creates a few hundred thousand long-lived objects, none of them
-    garbage, and the full collections they trigger traverse all of them again and again:
-    measured, 0.13 s of a 2 s merge."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import torch
-    finally:
-        if enabled:
-            gc.enable()
-    return torch
-
-
-@contextmanager
-def _torch_threads() -> Iterator[int]:
-    """torch's intra-op thread count, given back at the end (``execute_job`` changes it)."""
-    torch = import_torch()
-    threads = torch.get_num_threads()
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
+    if (NUMPY_ENGINE and options.torch_device == "cpu" and bool(method.arrays)
+            and all(numpy_can_run(job, method, job_params(job, method), sources)
+                    for job in plan.jobs)):
+        return nullcontext(NumpyBackend())
+    return torch_backend(options.torch_device)
 
 
 def _artifacts(

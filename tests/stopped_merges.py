@@ -52,13 +52,13 @@ def merge_in_process(recipe: dict, out: Path, **options: object) -> None:
     run_merge(parse_config(recipe), out, MergeOptions(quiet=True, **options))
 
 
-# --- subprocess runs, stopped at a named point by the MERGEKIT_TEST_STOP_AT hook ---
+# --- subprocess runs, stopped at a named fault-injection point (mergekit/failpoints.py) ---
 
 
 def start(recipe: Path, out: Path, stop: str | None = None, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "MERGEKIT_TEST_STOP_AT"}
+    env = {k: v for k, v in os.environ.items() if k != "MERGEKIT_FAILPOINT"}
     if stop:
-        env["MERGEKIT_TEST_STOP_AT"] = stop
+        env["MERGEKIT_FAILPOINT"] = stop
     return subprocess.Popen(
         [sys.executable, "-m", "mergekit.cli.yaml_cmd", str(recipe), str(out), "-q",
          "--out-shard-size", SHARD, *extra],

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import load_state
 
+import mergekit.backends as backends
 import mergekit.execute as execute_module
+import mergekit.finite as finite
 
 RECIPES = {
     "arcee_fusion": lambda a, b, c: {"merge_method": "arcee_fusion", "base_model": a,
@@ -96,19 +98,19 @@ ENGINE_CASES = [(name, "torch") for name in sorted(RECIPES)] + [
 @pytest.mark.parametrize("name, engine", ENGINE_CASES)
 def test_row_chunks_give_identical_bytes(name, engine, cache_bytes, llama_models, merge,
                                          monkeypatch):
-    import mergekit.execute_numpy as numpy_module
     import mergekit.run as run
 
     if engine == "torch":
         monkeypatch.setattr(run, "NUMPY_ENGINE", False)
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
-    module = execute_module if engine == "torch" else numpy_module
-    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
-    monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    for backend in (backends.NumpyBackend, backends.TorchBackend):
+        monkeypatch.setattr(backend, "prepare_cache_bytes", cache_bytes)
     calls = []
-    real = execute_module._row_chunks
-    monkeypatch.setattr(module, "_row_chunks", lambda *a: calls.append(r := real(*a)) or r)
+    real = execute_module.row_chunks
+    monkeypatch.setattr(execute_module, "row_chunks",
+                        lambda *a: calls.append(r := real(*a)) or r)
     chunked = merge(recipe)
     assert any(len(c) > 1 for c in calls), "no tensor was split into chunks"
     assert _bytes(whole) == _bytes(chunked)
@@ -231,7 +233,7 @@ def test_results_collected_a_chunk_late_keep_their_order(name, llama_models, mer
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
     in_order = merge(recipe)
-    monkeypatch.setattr(execute_module, "Transfer", Overlapping)
+    monkeypatch.setattr(backends, "Transfer", Overlapping)
     assert _bytes(merge(recipe)) == _bytes(in_order)
 
 
@@ -242,10 +244,10 @@ def test_finite_check_remembers_one_job_at_a_time(llama_models, merge, monkeypat
     from collections import Counter
 
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
-    monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES", 0)  # every pass reads again
+    monkeypatch.setattr(backends.TorchBackend, "prepare_cache_bytes", 0)  # passes read again
     sums: Counter = Counter()
     remembered: list[int] = []
-    real_all_finite, real_call = execute_module.all_finite, execute_module.FiniteCheck.__call__
+    real_all_finite, real_call = finite.all_finite, finite.FiniteCheck.__call__
 
     checking: list[tuple] = []  # the chunk being checked
 
@@ -259,8 +261,8 @@ def test_finite_check_remembers_one_job_at_a_time(llama_models, merge, monkeypat
         checking.clear()
         remembered.append(len(self._seen))
 
-    monkeypatch.setattr(execute_module, "all_finite", counting_all_finite)
-    monkeypatch.setattr(execute_module.FiniteCheck, "__call__", call)
+    monkeypatch.setattr(finite, "all_finite", counting_all_finite)
+    monkeypatch.setattr(finite.FiniteCheck, "__call__", call)
     merge(RECIPES["ties"](*(str(m) for m in llama_models)))
     assert sums and set(sums.values()) == {1}  # once per chunk, though read twice
     per_tensor = Counter(name for _, name, _ in sums)

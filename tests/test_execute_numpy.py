@@ -15,7 +15,6 @@ from conftest import build_llama, load_state, write_recipe
 from safetensors.torch import save_file
 
 import mergekit.execute as execute_module
-import mergekit.execute_numpy as numpy_module
 import mergekit.run as run
 
 
@@ -109,15 +108,16 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
-    """Records the output tensor of every job that ``run.<name>`` executes."""
+    """Records the output tensor of every job that runs on backend ``name``."""
     seen: list[str] = []
-    real = getattr(run, name)
+    real = run.execute_job
 
-    def counted(job, *args, **kwargs):
-        seen.append(job.output_name)
-        return real(job, *args, **kwargs)
+    def counted(job, method, sources, backend, *args, **kwargs):
+        if backend.name == name:
+            seen.append(job.output_name)
+        return real(job, method, sources, backend, *args, **kwargs)
 
-    monkeypatch.setattr(run, name, counted)
+    monkeypatch.setattr(run, "execute_job", counted)
     return seen
 
 
@@ -126,11 +126,10 @@ def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_numpy_gives_the_bytes_of_torch(name, chunk_elements, models, merge, monkeypatch):
     recipe = RECIPES[name](models)
-    if chunk_elements:  # several row chunks per tensor, of different sizes in each engine
+    if chunk_elements:  # several row chunks per tensor
         monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
-        monkeypatch.setattr(numpy_module, "CHUNK_ELEMENTS", chunk_elements // 2 + 3)
-    on_numpy = _counting(monkeypatch, "execute_job_numpy")
-    on_torch = _counting(monkeypatch, "execute_job")
+    on_numpy = _counting(monkeypatch, "numpy")
+    on_torch = _counting(monkeypatch, "torch")
     numpy_out = merge(recipe)
     assert on_numpy and not on_torch
     monkeypatch.setattr(run, "NUMPY_ENGINE", False)
@@ -188,8 +187,8 @@ def test_engine_choice(case, engine, models, merge, monkeypatch, tmp_path):
     elif case == "bin-input":  # pickled checkpoints are read by torch
         folder = build_llama(tmp_path / "bin", 7, dtype=torch.bfloat16, safe=False)
         recipe = _linear((folder, 0.5), (models["bf16"], 0.5))
-    on_numpy = _counting(monkeypatch, "execute_job_numpy")
-    on_torch = _counting(monkeypatch, "execute_job")
+    on_numpy = _counting(monkeypatch, "numpy")
+    on_torch = _counting(monkeypatch, "torch")
     merge(recipe)
     assert bool(on_numpy) == (engine == "numpy") and bool(on_torch) == (engine == "torch")
 

@@ -15,8 +15,8 @@ from conftest import load_state, run_cli, write_recipe
 from hostile import assert_nothing_partial, tree_digest
 from safetensors.torch import save_file
 
+import mergekit.backends as backends
 import mergekit.execute as execute_module
-import mergekit.execute_numpy as numpy_module
 from mergekit.errors import MergeError
 
 # a (16, 32) tensor: with 40-element chunks, one row per chunk
@@ -139,18 +139,17 @@ def chunked(request, monkeypatch) -> dict[str, int]:
                 super().__init__(device)
                 self.asynchronous = True
 
-        monkeypatch.setattr(execute_module, "Transfer", Overlapping)
+        monkeypatch.setattr(backends, "Transfer", Overlapping)
     counts: dict[str, int] = {}
-    for module in (execute_module, numpy_module):
-        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 40)
-        real = module._row_chunks
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
+    real = execute_module.row_chunks
 
-        def spy(job, *args, real=real):
-            chunks = real(job, *args)
-            counts[job.output_name] = len(chunks)
-            return chunks
+    def spy(job, *args):
+        chunks = real(job, *args)
+        counts[job.output_name] = len(chunks)
+        return chunks
 
-        monkeypatch.setattr(module, "_row_chunks", spy)
+    monkeypatch.setattr(execute_module, "row_chunks", spy)
     return counts
 
 
@@ -254,12 +253,12 @@ def test_stored_finite_tells_every_16_bit_pattern():
         bits = np.arange(1 << 16, dtype=np.uint16)
         finite = np.isfinite(to_float32(bits.view(numpy_dtype(code)), code))
         assert 0 < finite.sum() < len(bits)
-        assert numpy_module._stored_finite(bits[finite].view(numpy_dtype(code)), code)
+        assert backends.stored_finite(bits[finite].view(numpy_dtype(code)), code)
         for bad in bits[~finite]:
             for at in (0, 1000, -1):  # among finite values: first, in the middle, last
                 values = bits[finite][:2001].copy()
                 values[at] = bad
-                assert not numpy_module._stored_finite(values.view(numpy_dtype(code)), code), \
+                assert not backends.stored_finite(values.view(numpy_dtype(code)), code), \
                     (code, hex(bad))
 
 

@@ -1,4 +1,4 @@
-"""run.py: torch is imported with the garbage collector paused, and its state restored; a
+"""backends.py: torch is imported with the garbage collector paused, and its state restored; a
 merge leaves a fixed few objects in reference cycles, whatever its size."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import gc, sys
 enabled_before = sys.argv[1] == "on"
 if not enabled_before:
     gc.disable()
-import mergekit.run as run
+import mergekit.backends as backends
 assert "torch" not in sys.modules
 collections = []
 gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info))
-torch = run.import_torch()
+torch = backends.import_torch()
 gc.callbacks.clear()
 print(len(collections), gc.isenabled(), torch.__name__)
 """

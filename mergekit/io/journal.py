@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -152,11 +151,3 @@ def _read(path: Path) -> tuple[str | None, dict[str, str]]:
         elif isinstance(record.get("shard"), str) and isinstance(record.get("sha256"), str):
             entries[record["shard"]] = record["sha256"]
     return fp, entries
-
-
-def stop_for_test(event: str) -> None:
-    """Test hook: when the environment variable MERGEKIT_TEST_STOP_AT names ``event``
-    (``shard-start:N``, ``tensor:N``, ``shard-done:N``, ``before-move``), stop this process
-    with SIGSTOP, so a test can kill or interrupt it at that exact point."""
-    if os.environ.get("MERGEKIT_TEST_STOP_AT") == event:
-        os.kill(os.getpid(), signal.SIGSTOP)

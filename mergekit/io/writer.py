@@ -121,16 +121,16 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, code: str | None = None) -> None:
         """Write the next tensor of the shard, or the next row chunk of it: a torch tensor,
         or a numpy array of the stored bytes of safetensors dtype ``code``."""
+        import numpy as np
+
         if self._error is not None:
             self._fail(self._error)
         entry = self._entries[self._next]
-        if code is None:
+        if isinstance(tensor, np.ndarray):
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
             data = tensor.detach().cpu().contiguous().reshape(-1).view(_u8()).numpy()
             code = st_code(tensor.dtype)
-        else:
-            import numpy as np
-
-            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         ok_shape = tuple(tensor.shape) == entry.shape or (
             self._written + data.nbytes <= entry.nbytes and tuple(tensor.shape[1:]) ==
             entry.shape[1:])
