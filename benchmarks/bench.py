@@ -121,6 +121,10 @@ def recipes(models: list[Path], layers: int) -> dict[str, dict]:
             {"model": a, "parameters": {"weight": 0.4}},
             {"model": b, "parameters": {"weight": 0.3}},
             {"model": c, "parameters": {"weight": 0.3}}]},
+        "linear_f16": {"merge_method": "linear", "dtype": "float16", "models": [
+            {"model": a, "parameters": {"weight": 0.4}},
+            {"model": b, "parameters": {"weight": 0.3}},
+            {"model": c, "parameters": {"weight": 0.3}}]},
         "ties": {"merge_method": "ties", "base_model": a, "dtype": "bfloat16", "models": [
             {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
             {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}]},

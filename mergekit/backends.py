@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -40,13 +41,16 @@ class Done:
     whether it holds no NaN or Inf."""
 
     def __init__(self, out: Any, finite: bool | None = None, total: Any = None,
-                 copying: Any = None) -> None:
+                 copying: Any = None, pending: Future | None = None) -> None:
         self._out = out
         self._finite = finite
         self._total = total  # torch: a Result holding the chunk's sum, copied back with it
         self._copying = copying  # torch: a Result holding the chunk
+        self._pending = pending  # numpy: the (chunk, finite) narrowed on another thread
 
     def wait(self) -> tuple[Any, bool]:
+        if self._pending is not None:
+            return self._pending.result()
         out = self._copying.wait() if self._copying is not None else self._out
         finite = self._finite
         if finite is None:
@@ -56,12 +60,17 @@ class Done:
 
 
 class NumpyBackend:
-    """numpy on the CPU. Inputs are read into memory of their own (``read_array``)."""
+    """numpy on the CPU. Inputs are read into memory of their own (``read_array``). With a
+    ``narrower`` (one thread), results are narrowed to the output dtype there while the
+    next chunk is merged: numpy's conversion to float16 is slow, and it releases the GIL."""
 
     name = "numpy"
-    asynchronous = False
     # numpy's passes read the inputs again instead of keeping them: its merges stay small
     prepare_cache_bytes = 0
+
+    def __init__(self, narrower: Executor | None = None) -> None:
+        self._narrower = narrower
+        self.asynchronous = narrower is not None
 
     def read(self, source: ModelSource, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         return to_float32(source.read_array(name, rows), source.info(name).dtype)
@@ -91,10 +100,9 @@ class NumpyBackend:
         return stored_finite(stored, code)
 
     def finish(self, result: np.ndarray, code: str, check: bool) -> Done:
-        # from_float32 looks for NaNs (to give them bfloat16's NaN bits) only when told the
-        # values may hold some
-        out = from_float32(result, code, code != "BF16" or all_finite(result))
-        return Done(out, stored_finite(out, code) if check else True)
+        if self._narrower is None:
+            return Done(*_narrow(result, code, check))
+        return Done(None, pending=self._narrower.submit(_narrow, result, code, check))
 
     def errstate(self) -> Any:
         """Inf and NaN inputs are merged as torch merges them, without numpy's warnings."""
@@ -172,6 +180,24 @@ class TorchBackend:
 
 
 Backend = NumpyBackend | TorchBackend
+
+
+def _narrow(result: np.ndarray, code: str, check: bool) -> tuple[np.ndarray, bool]:
+    """``result`` narrowed to ``code``, and whether it is finite (True when not ``check``).
+    from_float32 looks for NaNs (to give them bfloat16's NaN bits) only when told the values
+    may hold some."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        out = from_float32(result, code, code != "BF16" or all_finite(result))
+        return out, stored_finite(out, code) if check else True
+
+
+@contextmanager
+def numpy_backend() -> Iterator[NumpyBackend]:
+    """A numpy backend that narrows its results on a thread of its own."""
+    with ThreadPoolExecutor(1, thread_name_prefix="narrow") as narrower:
+        yield NumpyBackend(narrower)
 
 # The exponent bits of float16 and bfloat16: all set in NaN and Inf only.
 _EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergekit.backends import Backend, NumpyBackend, numpy_can_run, torch_backend
+from mergekit.backends import Backend, numpy_backend, numpy_can_run, torch_backend
 from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
 from mergekit.execute import execute_job, job_params
@@ -159,7 +159,7 @@ def _backend(plan: MergePlan, sources: Mapping[str, ModelSource],
     if (NUMPY_ENGINE and options.torch_device == "cpu" and bool(method.arrays)
             and all(numpy_can_run(job, method, job_params(job, method), sources)
                     for job in plan.jobs)):
-        return nullcontext(NumpyBackend())
+        return numpy_backend()
     return torch_backend(options.torch_device)
 
 
