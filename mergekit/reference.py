@@ -1,7 +1,8 @@
 """Reference text generated from the code: the method table and the recipe fields.
 
-The README's tables are this module's output (a test keeps them current), so the
-parameter declarations next to each method are the only place they are written.
+The tables in README.md and docs/recipes.md are this module's output (a test keeps them
+current), so the parameter declarations next to each method and the field descriptions
+of the recipe are the only place they are written.
 """
 
 from __future__ import annotations
@@ -57,18 +58,24 @@ def method_listing() -> str:
     return "\n\n".join(method_details(m) for m in all_methods().values())
 
 
+def recipe_top_level(title: str | None = None) -> str:
+    """The table of the recipe's top-level fields."""
+    from mergekit.config import MergeConfiguration
+
+    return _fields_table(title, MergeConfiguration)
+
+
 def recipe_reference() -> str:
+    """The tables of every field a recipe may contain, top level and nested."""
     from mergekit.config import (
         Conditional,
         InputModelDefinition,
         InputSliceDefinition,
-        MergeConfiguration,
         OutputSliceDefinition,
     )
 
-    parts = []
+    parts = [recipe_top_level("top level")]
     for title, model in (
-        ("top level", MergeConfiguration),
         ("`models[*]`", InputModelDefinition),
         ("`slices[*]`", OutputSliceDefinition),
         ("`slices[*].sources[*]`", InputSliceDefinition),
@@ -78,8 +85,9 @@ def recipe_reference() -> str:
     return "\n\n".join(parts)
 
 
-def _fields_table(title: str, model: type[BaseModel]) -> str:
-    rows = [f"**{title}**", "", "| field | required | meaning |", "|---|---|---|"]
+def _fields_table(title: str | None, model: type[BaseModel]) -> str:
+    rows = [f"**{title}**", ""] if title else []
+    rows += ["| field | required | meaning |", "|---|---|---|"]
     for name, info in model.model_fields.items():
         rows.append(f"| `{name}` | {'yes' if info.is_required() else 'no'} | "
                     f"{info.description or ''} |")
@@ -88,17 +96,22 @@ def _fields_table(title: str, model: type[BaseModel]) -> str:
 
 GENERATED = {
     "methods": method_table,
+    "recipe-top": recipe_top_level,
     "recipe": recipe_reference,
 }
+# the files holding generated blocks, relative to the repository root
+GENERATED_FILES = ("README.md", "docs/recipes.md")
+WRITE_COMMAND = "python -m mergekit.reference --write " + " ".join(GENERATED_FILES)
 
 
 def render_block(name: str) -> str:
-    return (f"<!-- generated:{name} (python -m mergekit.reference --write README.md) -->\n"
+    return (f"<!-- generated:{name} ({WRITE_COMMAND}) -->\n"
             f"{GENERATED[name]()}\n<!-- end:{name} -->")
 
 
 def update_readme(text: str) -> str:
-    """Replace every generated block in the README text with fresh output."""
+    """Replace every generated block in a Markdown text (the README, or a file under docs/)
+    with fresh output; blocks the text does not have are left out."""
     import re
 
     for name in GENERATED:
@@ -111,9 +124,9 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    if len(sys.argv) == 3 and sys.argv[1] == "--write":
-        path = Path(sys.argv[2])
-        path.write_text(update_readme(path.read_text()))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--write":
+        for path in map(Path, sys.argv[2:]):
+            path.write_text(update_readme(path.read_text()))
     else:
         print(method_table())
         print()

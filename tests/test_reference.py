@@ -1,18 +1,38 @@
-"""The README's generated tables are current, and cover every method and recipe field."""
+"""The generated tables of the README and docs/recipes.md are current, and cover every
+method and recipe field."""
 
 from pathlib import Path
 
-from mergekit.config import MergeConfiguration
+import pytest
+
+from mergekit.config import (
+    Conditional,
+    InputModelDefinition,
+    InputSliceDefinition,
+    MergeConfiguration,
+    OutputSliceDefinition,
+)
 from mergekit.methods.registry import all_methods
-from mergekit.reference import update_readme
+from mergekit.reference import GENERATED_FILES, WRITE_COMMAND, update_readme
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RECIPES = ROOT / "docs" / "recipes.md"
 
 
-def test_readme_generated_blocks_are_current():
-    text = README.read_text()
-    assert update_readme(text) == text, (
-        "README.md is stale: run python -m mergekit.reference --write README.md")
+@pytest.mark.parametrize("name", GENERATED_FILES)
+def test_generated_blocks_are_current(name):
+    text = (ROOT / name).read_text()
+    assert "<!-- generated:" in text
+    assert update_readme(text) == text, f"{name} is stale: run {WRITE_COMMAND}"
+
+
+def test_recipes_doc_lists_every_field():
+    text = RECIPES.read_text()
+    for model in (MergeConfiguration, InputModelDefinition, OutputSliceDefinition,
+                  InputSliceDefinition, Conditional):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in text, (model.__name__, name)
 
 
 def test_readme_lists_every_method_and_parameter():
