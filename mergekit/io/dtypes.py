@@ -43,7 +43,7 @@ def st_code(dtype: torch.dtype) -> str:
     return NAME_TO_ST[str(dtype).removeprefix("torch.")]
 
 
-# The dtypes that the numpy path (``execute_numpy.py``) reads and writes: numpy has
+# The dtypes that the numpy backend (``backends.py``) reads and writes: numpy has
 # float32 and float16; bfloat16 is held as its raw 16 bits (uint16).
 NUMPY_CODES = frozenset({"F32", "F16", "BF16"})
 # torch writes every NaN it narrows to bfloat16 as these bits

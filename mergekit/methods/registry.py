@@ -9,7 +9,7 @@ A method registered with ``arrays`` computes with operators and methods that num
 float32 arrays share with torch tensors (``*``, ``+=``, ``reshape``, ...), rounding every
 operation alike (no fused multiply-add: ``out += x * w``, not ``out.add_(x, alpha=w)``), so
 that numpy inputs give the bits torch inputs do: the engine runs CPU merges of such
-methods on numpy and never loads torch (``execute_numpy.py``).
+methods on numpy and never loads torch (the numpy backend, ``backends.py``).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class Method:
     light_prepare: bool = False
     # True, or a test on the params: the function (and prepare) take numpy float32 arrays
     # as well as torch tensors, with the same result bits, so CPU merges run it without
-    # loading torch (see ``execute_numpy.py``).
+    # loading torch (see ``backends.py``).
     arrays: bool | Callable[[Any], bool] = False
 
     def runs_elementwise(self, params: MethodParams) -> bool:
