@@ -25,8 +25,8 @@ from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
 from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
+from mergekit.output_artifacts import resolve_output_artifacts
 from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
-from mergekit.refs import ModelReference, parse_model_reference
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ def run_merge(
                 out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
             )
         # everything besides the weights is checked before any weight is read
-        files = _artifacts(config, plan, sources, out, options)
+        files = resolve_output_artifacts(config, plan, sources, out, options)
         if options.dry_run:
             print(format_plan(plan))
             return plan
@@ -207,38 +207,6 @@ def _torch_threads() -> Iterator[int]:
         torch.set_num_threads(threads)
 
 
-def _artifacts(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    out: Path,
-    options: MergeOptions,
-) -> artifacts.Artifacts:
-    """The output's files besides the weights, resolved and checked."""
-    from mergekit.io.card import model_card
-
-    generation = sources[plan.config_model].side_file(artifacts.GENERATION_CONFIG)
-    tokenizer = None
-    if options.copy_tokenizer:
-        folder = _tokenizer_folder(config, plan, sources, options)
-        tokenizer = artifacts.tokenizer_files(folder)
-        if not tokenizer and config.tokenizer_source is not None:
-            raise usage_error("tokenizer_source", f"{folder} holds no tokenizer files",
-                              "name a model that has a tokenizer (tokenizer.json, "
-                              "tokenizer_config.json, ...)")
-        if not tokenizer:
-            log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)
-    return artifacts.resolve_artifacts(
-        config=artifacts.output_config(sources, plan),
-        recipe_yaml=config.to_yaml(),
-        generation_config=generation,
-        tokenizer=tokenizer,
-        chat_template=config.chat_template,
-        input_folders=[s.folder for s in sources.values()],
-        card=model_card(config, out.name) if options.write_model_card else None,
-    )
-
-
 def _provenance(
     config: MergeConfiguration,
     plan: MergePlan,
@@ -268,24 +236,4 @@ def _shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
     """The provenance less the recipe fields that do not decide the shards' bytes."""
     recipe = {k: v for k, v in provenance["recipe"].items() if k not in ARTIFACT_FIELDS}
     return {**provenance, "recipe": recipe}
-
-
-def _tokenizer_folder(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    options: MergeOptions,
-) -> Path:
-    choice = config.tokenizer_source
-    if choice is None:
-        return sources[plan.config_model].folder
-    ref: ModelReference = config.base_model if choice == "base" else parse_model_reference(
-        choice)  # type: ignore[assignment]
-    if str(ref) in sources:
-        return sources[str(ref)].folder
-    if ref.is_local:
-        return Path(ref.path)
-    from mergekit.io import hub
-
-    return hub.fetch_small_files(ref, options.transformers_cache)
 
