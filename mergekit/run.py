@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
@@ -27,6 +27,7 @@ from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
 from mergekit.output_artifacts import resolve_output_artifacts
 from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
+from mergekit.provenance import output_provenance, shards_provenance
 
 if TYPE_CHECKING:
     import torch
@@ -36,9 +37,6 @@ log = logging.getLogger("mergekit")
 INDEX = "model.safetensors.index.json"
 # the files of an output besides the shards
 OUTPUT_NAMES = (*artifacts.FILE_NAMES, INDEX, MANIFEST)
-# recipe fields that decide only the files beside the weights: a rerun that changes them
-# keeps the finished shards
-ARTIFACT_FIELDS = ("tokenizer_source", "tokenizer", "chat_template")
 
 
 def run_merge(
@@ -70,12 +68,12 @@ def run_merge(
         if options.dry_run:
             print(format_plan(plan))
             return plan
-        provenance = _provenance(config, plan, sources, options)
+        provenance = output_provenance(config, plan, sources, options)
         tmp = output_folder.make_temp(out, OUTPUT_NAMES)
         lock = output_folder.lock(tmp, out)
         journal = None
         try:
-            journal = Journal.open(tmp, fingerprint(_shards_provenance(provenance),
+            journal = Journal.open(tmp, fingerprint(shards_provenance(provenance),
                                                     format_plan(plan)),
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
@@ -205,35 +203,3 @@ def _torch_threads() -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(threads)
-
-
-def _provenance(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    options: MergeOptions,
-) -> dict[str, Any]:
-    """The manifest without the shards' sha256: what decides the output's bytes."""
-    from mergekit import __version__
-    from mergekit.config import recipe_to_plain
-    from mergekit.io.manifest import manifest
-
-    read: dict[str, set[str]] = {}
-    for job in plan.jobs:
-        for ref in job.inputs + ((job.base,) if job.base else ()):
-            read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
-    # the options that change the output's bytes
-    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
-    if get_method(plan.method).random:
-        result_options["random_seed"] = options.random_seed
-    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {},
-                      options.hash_inputs)
-    del record["shards"]
-    return record
-
-
-def _shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The provenance less the recipe fields that do not decide the shards' bytes."""
-    recipe = {k: v for k, v in provenance["recipe"].items() if k not in ARTIFACT_FIELDS}
-    return {**provenance, "recipe": recipe}
-
