@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0.dev0"
+from mergekit.version import __version__ as __version__
+
 __all__ = ["MergeConfiguration", "MergeOptions", "MergeError", "run_merge"]
 
 if TYPE_CHECKING:

@@ -1,224 +1,52 @@
-"""The recipe: pydantic models for the YAML a user writes."""
+"""The recipe: ``MergeConfiguration`` (the fields of ``recipe_fields.py``, checked against
+the method registry by ``recipe_checks.py``), read from YAML, with its errors named by
+their YAML path."""
 
 from __future__ import annotations
 
-import math
 import re
-import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ValidationError, model_validator
 
 from mergekit.errors import MergeError, usage_error
-from mergekit.refs import ModelReference, parse_model_reference
+from mergekit.recipe_checks import check_recipe
+from mergekit.recipe_fields import (
+    Conditional,
+    InputModelDefinition,
+    InputSliceDefinition,
+    OutputSliceDefinition,
+    Parameters,
+    RecipeFields,
+)
+from mergekit.recipe_text import yaml_key, yaml_location
+from mergekit.refs import ModelReference
 
-Scalar = float | int | bool | str
-Gradient = tuple[float, ...]
-
-
-def short_repr(value: Any) -> str:
-    """A one-line repr of user data, cut short: recipes may hold huge or aliased values."""
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
-    short.maxset = short.maxfrozenset = 4
-    short.maxstring = short.maxother = 60
-    text = short.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-class Conditional(BaseModel):
-    """One ``{filter, value}`` entry: applies to tensors whose name contains ``filter``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    filter: str | None = Field(None, description="substring of the tensor name; none matches all")
-    value: Scalar | Gradient = Field(description="a scalar, or a gradient (list of numbers)")
-
-
-# The merge math is float32: past FLOAT32_MAX a value overflows to inf (every output value
-# NaN or inf), below FLOAT32_TINY it rounds to 0 or keeps a few bits (weights all that
-# small normalise to zeros, not to their average).
-FLOAT32_MAX = (2 - 2**-23) * 2.0**127
-FLOAT32_TINY = 2.0**-126
+# the recipe's parts, for ``from mergekit.config import ...``
+__all__ = [
+    "Conditional",
+    "InputModelDefinition",
+    "InputSliceDefinition",
+    "MergeConfiguration",
+    "OutputSliceDefinition",
+    "Parameters",
+    "dump_yaml",
+    "load_config",
+    "parse_config",
+    "read_recipe",
+    "recipe_to_plain",
+]
 
 
-def float32_error(v: int | float) -> str | None:
-    """Why the number ``v`` cannot be a float32 parameter value, or None."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return f"{v} is not a finite number; give a number"
-    try:
-        shown = repr(v) if isinstance(v, float) else f"{v:.6g}"
-    except OverflowError:  # an integer past float64
-        shown = short_repr(v)
-    if abs(v) > FLOAT32_MAX:
-        return (f"{shown} does not fit in float32 (largest magnitude {FLOAT32_MAX:.4g}); "
-                "give a smaller number")
-    if v and abs(v) < FLOAT32_TINY:
-        return (f"{shown} is too small for float32 (below {FLOAT32_TINY:.4g} it rounds to 0 "
-                "or loses precision); give 0 or a larger magnitude")
-    return None
-
-
-def _number(v: Any) -> Any:
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        problem = float32_error(v)
-        if problem:
-            raise ValueError(problem)
-    return v
-
-
-def _parse_value(raw: Any) -> Scalar | Gradient:
-    if isinstance(raw, bool | int | float | str):
-        return _number(raw)
-    if isinstance(raw, list | tuple):
-        if not raw:
-            raise ValueError("a gradient needs at least one number")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
-            raise ValueError(f"a gradient is a list of numbers, got {short_repr(raw)}")
-        return tuple(float(_number(v)) for v in raw)
-    raise ValueError(
-        f"expected a number, a list of numbers or {{filter, value}}, got {short_repr(raw)}")
-
-
-def _parse_conditional(raw: Any) -> Conditional:
-    if not isinstance(raw, dict):
-        raise ValueError(f"expected {{filter, value}}, got {short_repr(raw)}")
-    unknown = set(raw) - {"filter", "value"}
-    if unknown:
-        listing = ", ".join(sorted(yaml_key(k) for k in unknown))
-        raise ValueError(f"unknown key(s) {listing} in a {{filter, value}} entry; "
-                         "an entry has only 'filter' and 'value'")
-    if "value" not in raw:
-        raise ValueError("a {filter, value} entry needs a 'value'")
-    flt = raw.get("filter")
-    if flt is not None and not isinstance(flt, str):
-        raise ValueError(f"a filter is a string, got {short_repr(flt)}")
-    return Conditional(filter=flt, value=_parse_value(raw["value"]))
-
-
-def _parse_setting(raw: Any) -> tuple[Conditional, ...]:
-    """Normalise a parameter setting to a tuple of conditionals, tried in order."""
-    if isinstance(raw, tuple) and all(isinstance(c, Conditional) for c in raw):
-        return raw
-    if isinstance(raw, dict):
-        return (_parse_conditional(raw),)
-    if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
-        return tuple(_parse_conditional(v) for v in raw)
-    return (Conditional(filter=None, value=_parse_value(raw)),)
-
-
-ParameterSetting = Annotated[tuple[Conditional, ...], BeforeValidator(_parse_setting)]
-Parameters = dict[str, ParameterSetting]
-
-
-def _parse_ref(raw: Any) -> ModelReference:
-    if isinstance(raw, ModelReference):
-        return raw
-    return parse_model_reference(raw)
-
-
-ModelRef = Annotated[ModelReference, BeforeValidator(_parse_ref)]
-DType = Literal["float32", "float16", "bfloat16"]
-
-
-class _Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-
-class InputModelDefinition(_Recipe):
-    model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
-    parameters: Parameters | None = Field(None, description="parameters for this model")
-
-
-class InputSliceDefinition(_Recipe):
-    model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
-    # strict: YAML's true, 2.0 and '2' are mistakes, not layer numbers
-    layer_range: tuple[StrictInt, StrictInt] = Field(
-        description="[start, end) layers taken from the model; an empty range [n, n] in the "
-        "first or last slice adds no layers and only picks the embeddings or the head")
-    parameters: Parameters | None = Field(None, description="parameters for this source")
-
-    @field_validator("layer_range")
-    @classmethod
-    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 0 or v[1] < v[0]:
-            raise ValueError(f"{list(v)} must be [start, end) with 0 <= start <= end")
-        return v
-
-
-class OutputSliceDefinition(_Recipe):
-    sources: list[InputSliceDefinition] = Field(
-        min_length=1, description="models (with layer ranges) merged into this slice"
-    )
-    base_model: ModelRef | None = Field(None, description="base model for this slice")
-    parameters: Parameters | None = Field(None, description="parameters for this slice")
-
-    @model_validator(mode="after")
-    def _same_length(self) -> OutputSliceDefinition:
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
-        if len(lengths) > 1:
-            raise ValueError(
-                "sources: all sources of a slice must span the same number of layers, got "
-                + ", ".join(str(list(s.layer_range)) for s in self.sources)
-            )
-        return self
-
-
-class MergeConfiguration(_Recipe):
-    merge_method: str = Field(description="the merge method (see the method list)")
-    models: list[InputModelDefinition] | None = Field(
-        None, description="whole models to merge (or use slices)"
-    )
-    slices: list[OutputSliceDefinition] | None = Field(
-        None, description="output layer slices, each merged from sources"
-    )
-    base_model: ModelRef | None = Field(None, description="the base model, for methods using one")
-    parameters: Parameters | None = Field(None, description="parameters for every tensor")
-    input_model_parameters: dict[str, Parameters] | None = Field(
-        None, description="per-model parameters keyed by model reference"
-    )
-    dtype: DType | None = Field(None, description="output dtype unless out_dtype is set")
-    out_dtype: DType | None = Field(None, description="dtype of the saved tensors")
-    tokenizer_source: str | None = Field(
-        None, description="'base' or a model reference: whose tokenizer to copy"
-    )
-    tokenizer: dict[str, Any] | None = Field(None, description="not supported yet")
-    chat_template: str | None = Field(
-        None, description="a built-in template name or a literal Jinja template"
-    )
+class MergeConfiguration(RecipeFields):
+    """A recipe: its fields, also checked against the method registry (methods, parameters,
+    base model, model counts)."""
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfiguration:
-        from mergekit.recipe_checks import check_recipe
-
         check_recipe(self)
         return self
-
-    @property
-    def output_dtype(self) -> str | None:
-        return self.out_dtype or self.dtype
-
-    def referenced_models(self) -> list[ModelReference]:
-        """Every model the recipe names, in first-seen order."""
-        refs: list[ModelReference] = []
-        if self.base_model:
-            refs.append(self.base_model)
-        for m in self.models or []:
-            refs.append(m.model)
-        for s in self.slices or []:
-            refs.extend(src.model for src in s.sources)
-            if s.base_model:
-                refs.append(s.base_model)
-        return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
         return dump_yaml(recipe_to_plain(self))
@@ -267,27 +95,6 @@ def dump_yaml(data: Any) -> str:
 
     Dumper.add_representer(list, represent_list)
     return yaml.dump(data, Dumper=Dumper, sort_keys=False)
-
-
-def yaml_key(key: Any) -> str:
-    """A mapping key as a location names it: quoted (and cut short) where it is empty, long,
-    or has line breaks or other unprintable characters."""
-    text = key if isinstance(key, str) else str(key)
-    plain = text and text.isprintable() and text.strip() == text and len(text) <= 200
-    return text if plain else short_repr(text)
-
-
-def yaml_location(loc: tuple[Any, ...]) -> str:
-    """('slices', 1, 'sources', 0, 'layer_range') -> 'slices[1].sources[0].layer_range'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        elif out:
-            out += f".{yaml_key(part)}"
-        else:
-            out = yaml_key(part)
-    return out
 
 
 def _user_location(data: Any, loc: tuple[Any, ...]) -> tuple[str, bool]:

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mergekit.config import Conditional, MergeConfiguration, Parameters, short_repr, yaml_key
+from mergekit.config import MergeConfiguration
 from mergekit.errors import usage_error
+from mergekit.recipe_fields import Conditional, Parameters
+from mergekit.recipe_text import short_repr, yaml_key
 
 if TYPE_CHECKING:
     from mergekit.methods.registry import Method

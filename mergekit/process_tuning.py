@@ -4,26 +4,26 @@ that imports mergekit keeps its own settings.
 
 A merge allocates and frees the same few-megabyte buffers (row chunks) thousands of times.
 glibc serves blocks that large with fresh ``mmap`` calls and unmaps them on free, so every
-chunk's memory is faulted in page by page again: measured here, that doubles the time of
-the elementwise math. Raising the mmap and trim thresholds makes freed chunks reusable at
+chunk's memory is faulted in page by page again: as much time as the elementwise math
+itself. Raising the mmap and trim thresholds makes freed chunks reusable at
 once. Peak memory is unchanged: the blocks reused are the ones the merge needed anyway.
 
 torch's OpenMP workers spin for a while after each parallel operation, waiting for the next
 one. A merge runs a writer thread (hashing and writing the output) beside the math, on
-machines with few cores: spinning workers take its core, and measured here they made
-linear, slerp and passthrough merges 20-40% slower and dare_ties 30% slower; ties was
-unchanged. Sleeping workers wake fast enough for chunk-sized operations.
+machines with few cores: spinning workers take its core and slow most merges down.
+Sleeping workers wake fast enough for chunk-sized operations.
 
 numpy (which torch imports) brings OpenBLAS, whose thread pool starts at import and spins
-for a while although a merge never calls it (torch's own math uses MKL here): measured, a
-tenth of a CPU-second of every run, taken from torch's import on two cores.
+for a while although a merge never calls it (torch's own math uses MKL here), taking CPU
+time from torch's import.
 
 Python's cyclic garbage collector is turned off: refcounting frees a merge's tensors and
 buffers, and a whole merge leaves under a hundred objects in reference cycles whatever the
 model size (a test holds it to that), while the collections that torch's few hundred
-thousand long-lived objects set off re-traverse them all: one of 55-60 ms came right after
-torch's import (which itself runs with the collector paused), and a linear merge went from
-1.99 to 1.92 s.
+thousand long-lived objects set off re-traverse them all, even right after torch's import
+(which itself runs with the collector paused).
+
+The figures behind each setting: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -8,16 +8,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated
 
-from mergekit.config import short_repr, yaml_key
 from mergekit.errors import MergeError
+from mergekit.recipe_text import short_repr, yaml_key
 from mergekit.refs import parse_model_reference
 
 if TYPE_CHECKING:
-    from mergekit.config import MergeConfiguration, Parameters
     from mergekit.methods.registry import Method, ParamSpec
+    from mergekit.recipe_fields import Parameters, RecipeFields
 
 
-def check_recipe(cfg: MergeConfiguration) -> None:
+def check_recipe(cfg: RecipeFields) -> None:
     from mergekit.methods.registry import get_method
 
     try:
@@ -89,7 +89,7 @@ def check_recipe(cfg: MergeConfiguration) -> None:
                     )
 
 
-def _check_empty_slices(cfg: MergeConfiguration) -> None:
+def _check_empty_slices(cfg: RecipeFields) -> None:
     slices = cfg.slices or []
     empty = [not any(src.layer_range[1] > src.layer_range[0] for src in s.sources)
              for s in slices]

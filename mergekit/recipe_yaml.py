@@ -140,8 +140,8 @@ def _libyaml_loader() -> type | None:
     return LibyamlLoader
 
 
-# A few times faster than PyYAML's own parser on a large recipe (19 MB: 36 s instead of
-# 113 s); most of the rest is PyYAML's resolver and constructor, in Python either way.
+# A few times faster than PyYAML's own parser on a large recipe; most of the rest is
+# PyYAML's resolver and constructor, in Python either way.
 LOADER: type = _libyaml_loader() or PyLoader
 
 

@@ -8,11 +8,9 @@ import logging
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from mergekit.backends import Backend, numpy_backend, numpy_can_run, torch_backend
 from mergekit.config import MergeConfiguration
-from mergekit.errors import usage_error
 from mergekit.execute import execute_job, job_params
 from mergekit.failpoints import failpoint
 from mergekit.finite import FiniteCheck
@@ -25,20 +23,15 @@ from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
 from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
+from mergekit.output_artifacts import resolve_output_artifacts
 from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
-from mergekit.refs import ModelReference, parse_model_reference
-
-if TYPE_CHECKING:
-    pass
+from mergekit.provenance import output_provenance, shards_provenance
 
 log = logging.getLogger("mergekit")
 
 INDEX = "model.safetensors.index.json"
 # the files of an output besides the shards
 OUTPUT_NAMES = (*artifacts.FILE_NAMES, INDEX, MANIFEST)
-# recipe fields that decide only the files beside the weights: a rerun that changes them
-# keeps the finished shards
-ARTIFACT_FIELDS = ("tokenizer_source", "tokenizer", "chat_template")
 
 
 def run_merge(
@@ -66,16 +59,16 @@ def run_merge(
                 out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
             )
         # everything besides the weights is checked before any weight is read
-        files = _artifacts(config, plan, sources, out, options)
+        files = resolve_output_artifacts(config, plan, sources, out, options)
         if options.dry_run:
             print(format_plan(plan))
             return plan
-        provenance = _provenance(config, plan, sources, options)
+        provenance = output_provenance(config, plan, sources, options)
         tmp = output_folder.make_temp(out, OUTPUT_NAMES)
         lock = output_folder.lock(tmp, out)
         journal = None
         try:
-            journal = Journal.open(tmp, fingerprint(_shards_provenance(provenance),
+            journal = Journal.open(tmp, fingerprint(shards_provenance(provenance),
                                                     format_plan(plan)),
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
@@ -161,87 +154,3 @@ def _backend(plan: MergePlan, sources: Mapping[str, ModelSource],
                     for job in plan.jobs)):
         return numpy_backend()
     return torch_backend(options.torch_device)
-
-
-def _artifacts(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    out: Path,
-    options: MergeOptions,
-) -> artifacts.Artifacts:
-    """The output's files besides the weights, resolved and checked."""
-    from mergekit.io.card import model_card
-
-    generation = sources[plan.config_model].side_file(artifacts.GENERATION_CONFIG)
-    tokenizer = None
-    if options.copy_tokenizer:
-        folder = _tokenizer_folder(config, plan, sources, options)
-        tokenizer = artifacts.tokenizer_files(folder)
-        if not tokenizer and config.tokenizer_source is not None:
-            raise usage_error("tokenizer_source", f"{folder} holds no tokenizer files",
-                              "name a model that has a tokenizer (tokenizer.json, "
-                              "tokenizer_config.json, ...)")
-        if not tokenizer:
-            log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)
-    return artifacts.resolve_artifacts(
-        config=artifacts.output_config(sources, plan),
-        recipe_yaml=config.to_yaml(),
-        generation_config=generation,
-        tokenizer=tokenizer,
-        chat_template=config.chat_template,
-        input_folders=[s.folder for s in sources.values()],
-        card=model_card(config, out.name) if options.write_model_card else None,
-    )
-
-
-def _provenance(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    options: MergeOptions,
-) -> dict[str, Any]:
-    """The manifest without the shards' sha256: what decides the output's bytes."""
-    from mergekit import __version__
-    from mergekit.config import recipe_to_plain
-    from mergekit.io.manifest import manifest
-
-    read: dict[str, set[str]] = {}
-    for job in plan.jobs:
-        for ref in job.inputs + ((job.base,) if job.base else ()):
-            read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
-    # the options that change the output's bytes
-    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
-    if get_method(plan.method).random:
-        result_options["random_seed"] = options.random_seed
-    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {},
-                      options.hash_inputs)
-    del record["shards"]
-    return record
-
-
-def _shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The provenance less the recipe fields that do not decide the shards' bytes."""
-    recipe = {k: v for k, v in provenance["recipe"].items() if k not in ARTIFACT_FIELDS}
-    return {**provenance, "recipe": recipe}
-
-
-def _tokenizer_folder(
-    config: MergeConfiguration,
-    plan: MergePlan,
-    sources: Mapping[str, ModelSource],
-    options: MergeOptions,
-) -> Path:
-    choice = config.tokenizer_source
-    if choice is None:
-        return sources[plan.config_model].folder
-    ref: ModelReference = config.base_model if choice == "base" else parse_model_reference(
-        choice)  # type: ignore[assignment]
-    if str(ref) in sources:
-        return sources[str(ref)].folder
-    if ref.is_local:
-        return Path(ref.path)
-    from mergekit.io import hub
-
-    return hub.fetch_small_files(ref, options.transformers_cache)
-

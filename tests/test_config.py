@@ -13,14 +13,13 @@ import yaml
 from conftest import write_recipe
 
 from mergekit.config import (
-    FLOAT32_MAX,
-    FLOAT32_TINY,
     Conditional,
     MergeConfiguration,
     load_config,
     parse_config,
 )
 from mergekit.errors import MergeError
+from mergekit.recipe_fields import FLOAT32_MAX, FLOAT32_TINY
 from mergekit.refs import ModelReference
 
 A, B, C = "org/model-a", "org/model-b", "org/model-c"

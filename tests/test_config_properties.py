@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mergekit.config import (
-    FLOAT32_TINY,
     MergeConfiguration,
     dump_yaml,
     load_config,
@@ -34,6 +33,7 @@ from mergekit.io.model import ModelSource, open_model
 from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.methods.registry import Method, all_methods
 from mergekit.plan import MergePlan, build_plan
+from mergekit.recipe_fields import FLOAT32_TINY
 from mergekit.recipe_yaml import MAX_ALIAS_VALUES
 from mergekit.refs import parse_model_reference
 

@@ -82,7 +82,7 @@ def guarded(fn: Callable[[], T], verbose: bool) -> T:
 
 def run_app(app: Callable[[], object]) -> NoReturn:
     """Run a typer app as a console script, then end the process without the interpreter's
-    teardown: once torch is loaded, unloading it takes about 0.4 s and achieves nothing.
+    teardown: once torch is loaded, unloading it takes noticeable time and achieves nothing.
     Every file the command wrote is closed by then; only the standard streams need flushing."""
     try:
         app()

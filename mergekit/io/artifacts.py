@@ -12,17 +12,13 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mergekit.architecture import LAYER_COUNT_KEYS, embedding_name
+from mergekit.architecture import LAYER_COUNT_KEYS
 from mergekit.chat_templates import template_text
 from mergekit.errors import merge_failure, usage_error
-from mergekit.io.dtypes import ST_DTYPES
-from mergekit.io.model import ModelSource, side_file
+from mergekit.io.model import side_file
 from mergekit.io.output_folder import writing
-
-if TYPE_CHECKING:
-    from mergekit.plan import MergePlan
 
 log = logging.getLogger("mergekit")
 
@@ -50,35 +46,38 @@ class Artifacts:
     copies: Mapping[str, Path]
 
 
-def output_config(sources: Mapping[str, ModelSource], plan: MergePlan) -> dict[str, Any]:
-    """config.json of the output: the plan's config model's, with layer count, per-layer
-    types, dtype and vocabulary size updated."""
-    config = json.loads(json.dumps(sources[plan.config_model].config))
+def output_config(
+    base: Mapping[str, Any],
+    num_layers: int,
+    layer_origins: Sequence[tuple[Mapping[str, Any], int]],
+    torch_dtype: str | None,
+    vocab_size: int | None,
+) -> dict[str, Any]:
+    """config.json of the output: a copy of ``base`` (the config.json it takes) with the
+    layer count, the per-layer types (``layer_origins``: per output layer, the config.json
+    of the model it comes from and its layer there), the dtype (None: unchanged) and the
+    vocabulary size (the output embedding's rows; None: unchanged) updated."""
+    config = json.loads(json.dumps(base))
     targets = [config] + ([config["text_config"]] if isinstance(config.get("text_config"),
                                                             dict) else [])
     for target in targets:
         for key in LAYER_COUNT_KEYS:
             if isinstance(target.get(key), int):
-                target[key] = plan.num_layers
+                target[key] = num_layers
         if isinstance(target.get("layer_types"), list) and target["layer_types"]:
             target["layer_types"] = [
-                _layer_type(sources[m].config, i, target["layer_types"])
-                for m, i in plan.layer_origins
+                _layer_type(origin, i, target["layer_types"]) for origin, i in layer_origins
             ]
-    float_codes = Counter(j.dtype for j in plan.jobs if j.compute)
-    if float_codes:
-        name = ST_DTYPES[float_codes.most_common(1)[0][0]][0]
-        config["torch_dtype"] = name
+    if torch_dtype is not None:
+        config["torch_dtype"] = torch_dtype
         if "dtype" in config:
-            config["dtype"] = name
-    embed = embedding_name(j.output_name for j in plan.jobs)
-    job = next((j for j in plan.jobs if j.output_name == embed), None)
-    if job is not None and isinstance(config.get("vocab_size"), int) and job.shape:
-        config["vocab_size"] = job.shape[0]
+            config["dtype"] = torch_dtype
+    if vocab_size is not None and isinstance(config.get("vocab_size"), int):
+        config["vocab_size"] = vocab_size
     return config
 
 
-def _layer_type(config: dict[str, Any], layer: int, fallback: list[Any]) -> Any:
+def _layer_type(config: Mapping[str, Any], layer: int, fallback: list[Any]) -> Any:
     types = config.get("layer_types")
     if not isinstance(types, list):
         text = config.get("text_config")

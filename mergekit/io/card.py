@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-from mergekit.config import MergeConfiguration
-from mergekit.methods.registry import get_method
+from collections.abc import Sequence
+
+from mergekit.refs import ModelReference
 
 
-def model_card(config: MergeConfiguration, name: str) -> str:
+def model_card(
+    name: str,
+    *,
+    recipe_yaml: str,
+    method_name: str,
+    method_display_name: str,
+    paper: str,
+    base_model: ModelReference | None,
+    models: Sequence[ModelReference],
+) -> str:
+    """README.md of the output ``name``: hub metadata (the hub models among ``models`` as
+    its base models), the method (``paper``: a link, or empty), the models merged besides
+    ``base_model``, and the recipe's YAML text."""
     import yaml
 
-    method = get_method(config.merge_method)
-    refs = config.referenced_models()
-    hub_ids = [r.path for r in refs if not r.is_local]
+    hub_ids = [r.path for r in models if not r.is_local]
     front: dict[str, object] = {}
     if hub_ids:
         front["base_model"] = list(dict.fromkeys(hub_ids))
     front["library_name"] = "transformers"
     front["tags"] = ["mergekit", "merge"]
 
-    def link(ref: object) -> str:
+    def link(ref: ModelReference) -> str:
         text = str(ref)
-        path = getattr(ref, "path", text)
-        local = getattr(ref, "is_local", True)
-        return text if local else f"[{text}](https://huggingface.co/{path})"
+        return text if ref.is_local else f"[{text}](https://huggingface.co/{ref.path})"
 
-    paper = f" ({method.reference})" if method.reference else ""
-    base = (
-        f" The base model was {link(config.base_model)}." if config.base_model else ""
-    )
-    others = [r for r in refs if r != config.base_model]
+    cited = f" ({paper})" if paper else ""
+    base = f" The base model was {link(base_model)}." if base_model else ""
+    others = [r for r in models if r != base_model]
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -40,7 +47,7 @@ def model_card(config: MergeConfiguration, name: str) -> str:
         "",
         "## Method",
         "",
-        f"Merged with the **{method.display_name}** method (`{method.name}`){paper}.{base}",
+        f"Merged with the **{method_display_name}** method (`{method_name}`){cited}.{base}",
         "",
         "## Models merged",
         "",
@@ -51,7 +58,7 @@ def model_card(config: MergeConfiguration, name: str) -> str:
         "The following YAML recipe produced this model:",
         "",
         "```yaml",
-        config.to_yaml().rstrip(),
+        recipe_yaml.rstrip(),
         "```",
         "",
     ]

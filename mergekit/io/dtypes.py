@@ -67,7 +67,7 @@ def to_float32(raw: np.ndarray, code: str) -> np.ndarray:
     if code == "F16":
         return raw.astype(np.float32)
     bits = np.empty(raw.shape, np.uint32)  # bfloat16 is the high half of a float32
-    bits[...] = raw  # widened, then shifted in place: 20% faster than a casting shift
+    bits[...] = raw  # widened, then shifted in place: faster than a casting shift
     bits <<= 16
     return bits.view(np.float32)
 

@@ -21,8 +21,8 @@ def input_record(source: ModelSource, files: set[str], hash_files: bool = False
                  ) -> dict[str, Any]:
     """Revision and the files read, each with its size and:
 
-    - with ``hash_files``, its sha256, read from the bytes there now (all files once more:
-      measured, that adds about 70% to a linear merge);
+    - with ``hash_files``, its sha256, read from the bytes there now (every file is read
+      once more, a large part of a merge's time);
     - else its sha256 where known without reading it: the hub cache names each large file
       by its sha256, and a folder made by ``hf download --local-dir`` keeps each file's
       commit and sha256 beside it;

@@ -226,9 +226,8 @@ class SafetensorsReader:
 
     def read_array(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
         """``read`` as a numpy array of the stored bytes (see ``numpy_dtype``), read into
-        memory of its own: for numpy's row chunks, 10-15% faster merges than mapping them
-        (the numpy engine's passes then start from a buffer in the cache, not from page
-        faults)."""
+        memory of its own: for numpy's row chunks, faster merges than mapping them (the numpy
+        engine's passes then start from a buffer in the cache, not from page faults)."""
         import numpy as np
 
         shape, start, nbytes = _span(info, rows)

@@ -75,7 +75,7 @@ def prepare_arcee_fusion(
         if kl is None:
             # filled chunk by chunk: buffers that outlive the loop are allocated once, as
             # small tensors kept from every chunk would be placed between the chunks'
-            # large temporaries and fragment the heap (measured: +450 MB peak RSS)
+            # large temporaries and fragment the heap, raising peak memory
             kl = chunk_kl.new_empty(numel // row_len)
             values = chunk_kl.new_empty(numel if picks is None else QUANTILE_SAMPLE)
         assert values is not None

@@ -7,7 +7,7 @@ Ranks follow |value|, descending, equal magnitudes in index order (a stable sort
 A prepare pass finds, per task vector, the bit patterns of the magnitudes at the band's two
 edges by radix selection and, for each row chunk, how many entries equal to each edge come
 before it, so row chunks keep exactly the entries the whole tensor would; no sort (a sort
-of a large tensor took 30x the time and its int64 indices twice the tensor's memory).
+of a large tensor is far slower, and its int64 indices take twice the tensor's memory).
 """
 
 from __future__ import annotations

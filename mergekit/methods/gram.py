@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 def row_dots(vectors: Sequence[torch.Tensor]) -> np.ndarray:
     """The (n, n, rows) float64 dot products, row by row, of ``vectors`` (tensors or numpy
     arrays of one shape, or the same row chunk of several tensors; a 1-D tensor is one
-    row), each computed in float32 (a few thousand terms: relative error about 1e-6; 4x
-    faster than float64 products). In host memory numpy computes them, for torch tensors
+    row), each computed in float32 (a few thousand terms: relative error about 1e-6; several
+    times faster than float64 products). In host memory numpy computes them, for torch tensors
     as for arrays (the same bits); on a GPU, torch."""
     import numpy as np
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 EPS = 1e-8
 # The fixed point converges in tens of iterations to float64's precision, even from
 # near-orthogonal inputs; below that precision (a tiny tol) it never stops early, so the
-# cap bounds a tensor's cost: 1000 iterations take about 0.1 s with 16 models.
+# cap bounds a tensor's cost.
 MAX_ITER = 1000
 
 

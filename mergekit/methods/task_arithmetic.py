@@ -6,7 +6,7 @@ steps from this file and ``task_vectors.py``; the random sparsifiers (DARE, DELL
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -21,9 +21,6 @@ from mergekit.methods.task_vectors import (
 
 if TYPE_CHECKING:
     import torch
-
-    from mergekit.methods.breadcrumbs import BreadcrumbsParams
-    from mergekit.methods.dare import DareParams
 
 RescaleMode = Literal["l1", "inverse_density"]
 Consensus = Literal["sum", "count"]
@@ -91,6 +88,27 @@ class TiesParams(MethodParams):
     def _densities(self) -> TiesParams:
         check_density(self.density)
         return self
+
+
+class SparseParams(Protocol):
+    """What ``sparse_merge`` reads of the params of the methods that call it (DARE, DELLA,
+    Model Breadcrumbs); ``_rescaled`` also reads ``rescale_mode`` and ``l1_scale`` where
+    they have them."""
+
+    @property
+    def weight(self) -> tuple[float, ...]: ...
+
+    @property
+    def density(self) -> tuple[float, ...]: ...
+
+    @property
+    def normalize(self) -> bool: ...
+
+    @property
+    def rescale(self) -> bool: ...
+
+    @property
+    def lambda_(self) -> float: ...
 
 
 # -- the methods -----------------------------------------------------------------------
@@ -176,7 +194,7 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: TiesPar
 
 
 def _rescaled(delta: torch.Tensor, kept: torch.Tensor, probs: torch.Tensor | float,
-              params: DareParams | BreadcrumbsParams, i: int) -> torch.Tensor:
+              params: SparseParams, i: int) -> torch.Tensor:
     import torch
 
     if not params.rescale:
@@ -192,7 +210,7 @@ def _rescaled(delta: torch.Tensor, kept: torch.Tensor, probs: torch.Tensor | flo
 def sparse_merge(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
-    params: DareParams | BreadcrumbsParams,
+    params: SparseParams,
     sparsify: Callable[[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor | float]],
     consensus: str | None,
 ) -> torch.Tensor:

@@ -94,7 +94,7 @@ def magnitude_ranks(
 
 def _bucket_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
     """Counts of the low 16 bits of the ``bits`` whose high 16 bits are ``bucket``. In host
-    memory numpy selects them (3x faster than torch's boolean indexing; the same counts)."""
+    memory numpy selects them (faster than torch's boolean indexing; the same counts)."""
     import torch
 
     if bits.device.type != "cpu":
@@ -147,7 +147,7 @@ def keep_top_magnitude(delta: torch.Tensor, density: float,
     if not floor > 0.0:  # every |x| >= 0
         return delta
     # hardshrink keeps |x| > lambd, so the float32 just below floor keeps |x| >= floor;
-    # one fused op, where a bool mask and a multiply cost ~10x more on CPU
+    # one fused op, where a bool mask and a multiply cost far more on CPU
     return delta.hardshrink(float32_below(floor))
 
 

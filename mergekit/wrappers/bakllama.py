@@ -25,7 +25,7 @@ class LayerSlice(BaseModel):
     @field_validator("scale")
     @classmethod
     def _scale(cls, v: float | None) -> float | None:
-        from mergekit.config import float32_error
+        from mergekit.recipe_fields import float32_error
 
         problem = None if v is None else float32_error(v)
         if problem:
@@ -76,8 +76,9 @@ def load_bakllama(path: Path, fp16: bool) -> dict[str, Any]:
     """Read a bakllama file; errors name the file and the field."""
     from pydantic import ValidationError
 
-    from mergekit.config import read_recipe, yaml_location
+    from mergekit.config import read_recipe
     from mergekit.errors import usage_error
+    from mergekit.recipe_text import yaml_location
 
     data = read_recipe(path)  # unreadable, non-UTF-8 or malformed files: one-line errors
     if not isinstance(data, dict):

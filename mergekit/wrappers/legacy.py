@@ -23,7 +23,7 @@ def _per_model(flag: str, values: list[float], count: int) -> list[float | None]
 
 def _check_numbers(flag: str, values: list[float]) -> None:
     """Values the recipe refuses (NaN, inf, past float32) named by the flag that gave them."""
-    from mergekit.config import float32_error
+    from mergekit.recipe_fields import float32_error
 
     for v in values:
         problem = float32_error(v)

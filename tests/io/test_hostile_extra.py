@@ -152,7 +152,7 @@ def test_odd_config_values_plan_or_fail_cleanly(llama_models: list[Path], tmp_pa
 
 
 def test_empty_layer_types_in_config_json(llama_models: list[Path], tmp_path: Path):
-    from mergekit.io.artifacts import output_config
+    from mergekit.output_artifacts import merged_config
 
     changed = with_config(llama_models[0], tmp_path, layer_types=[])
     config = parse_config({"merge_method": "linear", "parameters": {"weight": 1.0},
@@ -160,7 +160,7 @@ def test_empty_layer_types_in_config_json(llama_models: list[Path], tmp_path: Pa
     reader = SafetensorsReader()
     try:
         sources = {str(r): open_model(r, reader, None) for r in config.referenced_models()}
-        out = output_config(sources, build_plan(config, sources))
+        out = merged_config(build_plan(config, sources), sources)
     finally:
         reader.close()
     assert out["layer_types"] == []

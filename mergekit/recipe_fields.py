@@ -1,0 +1,204 @@
+"""The recipe's fields: pydantic models of the YAML a user writes, with the checks that
+need no method registry (``config.MergeConfiguration`` adds those that do)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from mergekit.recipe_text import short_repr, yaml_key
+from mergekit.refs import ModelReference, parse_model_reference
+
+Scalar = float | int | bool | str
+Gradient = tuple[float, ...]
+
+class Conditional(BaseModel):
+    """One ``{filter, value}`` entry: applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = Field(None, description="substring of the tensor name; none matches all")
+    value: Scalar | Gradient = Field(description="a scalar, or a gradient (list of numbers)")
+
+
+# The merge math is float32: past FLOAT32_MAX a value overflows to inf (every output value
+# NaN or inf), below FLOAT32_TINY it rounds to 0 or keeps a few bits (weights all that
+# small normalise to zeros, not to their average).
+FLOAT32_MAX = (2 - 2**-23) * 2.0**127
+FLOAT32_TINY = 2.0**-126
+
+
+def float32_error(v: int | float) -> str | None:
+    """Why the number ``v`` cannot be a float32 parameter value, or None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{v} is not a finite number; give a number"
+    try:
+        shown = repr(v) if isinstance(v, float) else f"{v:.6g}"
+    except OverflowError:  # an integer past float64
+        shown = short_repr(v)
+    if abs(v) > FLOAT32_MAX:
+        return (f"{shown} does not fit in float32 (largest magnitude {FLOAT32_MAX:.4g}); "
+                "give a smaller number")
+    if v and abs(v) < FLOAT32_TINY:
+        return (f"{shown} is too small for float32 (below {FLOAT32_TINY:.4g} it rounds to 0 "
+                "or loses precision); give 0 or a larger magnitude")
+    return None
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        problem = float32_error(v)
+        if problem:
+            raise ValueError(problem)
+    return v
+
+
+def _parse_value(raw: Any) -> Scalar | Gradient:
+    if isinstance(raw, bool | int | float | str):
+        return _number(raw)
+    if isinstance(raw, list | tuple):
+        if not raw:
+            raise ValueError("a gradient needs at least one number")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
+            raise ValueError(f"a gradient is a list of numbers, got {short_repr(raw)}")
+        return tuple(float(_number(v)) for v in raw)
+    raise ValueError(
+        f"expected a number, a list of numbers or {{filter, value}}, got {short_repr(raw)}")
+
+
+def _parse_conditional(raw: Any) -> Conditional:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected {{filter, value}}, got {short_repr(raw)}")
+    unknown = set(raw) - {"filter", "value"}
+    if unknown:
+        listing = ", ".join(sorted(yaml_key(k) for k in unknown))
+        raise ValueError(f"unknown key(s) {listing} in a {{filter, value}} entry; "
+                         "an entry has only 'filter' and 'value'")
+    if "value" not in raw:
+        raise ValueError("a {filter, value} entry needs a 'value'")
+    flt = raw.get("filter")
+    if flt is not None and not isinstance(flt, str):
+        raise ValueError(f"a filter is a string, got {short_repr(flt)}")
+    return Conditional(filter=flt, value=_parse_value(raw["value"]))
+
+
+def _parse_setting(raw: Any) -> tuple[Conditional, ...]:
+    """Normalise a parameter setting to a tuple of conditionals, tried in order."""
+    if isinstance(raw, tuple) and all(isinstance(c, Conditional) for c in raw):
+        return raw
+    if isinstance(raw, dict):
+        return (_parse_conditional(raw),)
+    if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
+        return tuple(_parse_conditional(v) for v in raw)
+    return (Conditional(filter=None, value=_parse_value(raw)),)
+
+
+ParameterSetting = Annotated[tuple[Conditional, ...], BeforeValidator(_parse_setting)]
+Parameters = dict[str, ParameterSetting]
+
+
+def _parse_ref(raw: Any) -> ModelReference:
+    if isinstance(raw, ModelReference):
+        return raw
+    return parse_model_reference(raw)
+
+
+ModelRef = Annotated[ModelReference, BeforeValidator(_parse_ref)]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class _Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class InputModelDefinition(_Recipe):
+    model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
+    parameters: Parameters | None = Field(None, description="parameters for this model")
+
+
+class InputSliceDefinition(_Recipe):
+    model: ModelRef = Field(description="local folder, hub id, or hub id@revision")
+    # strict: YAML's true, 2.0 and '2' are mistakes, not layer numbers
+    layer_range: tuple[StrictInt, StrictInt] = Field(
+        description="[start, end) layers taken from the model; an empty range [n, n] in the "
+        "first or last slice adds no layers and only picks the embeddings or the head")
+    parameters: Parameters | None = Field(None, description="parameters for this source")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"{list(v)} must be [start, end) with 0 <= start <= end")
+        return v
+
+
+class OutputSliceDefinition(_Recipe):
+    sources: list[InputSliceDefinition] = Field(
+        min_length=1, description="models (with layer ranges) merged into this slice"
+    )
+    base_model: ModelRef | None = Field(None, description="base model for this slice")
+    parameters: Parameters | None = Field(None, description="parameters for this slice")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSliceDefinition:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(
+                "sources: all sources of a slice must span the same number of layers, got "
+                + ", ".join(str(list(s.layer_range)) for s in self.sources)
+            )
+        return self
+
+
+class RecipeFields(_Recipe):
+    """The recipe's top-level fields, checked only field by field; ``MergeConfiguration``
+    adds the checks that need the method registry."""
+
+    merge_method: str = Field(description="the merge method (see the method list)")
+    models: list[InputModelDefinition] | None = Field(
+        None, description="whole models to merge (or use slices)"
+    )
+    slices: list[OutputSliceDefinition] | None = Field(
+        None, description="output layer slices, each merged from sources"
+    )
+    base_model: ModelRef | None = Field(None, description="the base model, for methods using one")
+    parameters: Parameters | None = Field(None, description="parameters for every tensor")
+    input_model_parameters: dict[str, Parameters] | None = Field(
+        None, description="per-model parameters keyed by model reference"
+    )
+    dtype: DType | None = Field(None, description="output dtype unless out_dtype is set")
+    out_dtype: DType | None = Field(None, description="dtype of the saved tensors")
+    tokenizer_source: str | None = Field(
+        None, description="'base' or a model reference: whose tokenizer to copy"
+    )
+    tokenizer: dict[str, Any] | None = Field(None, description="not supported yet")
+    chat_template: str | None = Field(
+        None, description="a built-in template name or a literal Jinja template"
+    )
+
+    @property
+    def output_dtype(self) -> str | None:
+        return self.out_dtype or self.dtype
+
+    def referenced_models(self) -> list[ModelReference]:
+        """Every model the recipe names, in first-seen order."""
+        refs: list[ModelReference] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            refs.extend(src.model for src in s.sources)
+            if s.base_model:
+                refs.append(s.base_model)
+        return list(dict.fromkeys(refs))
+
