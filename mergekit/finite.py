@@ -139,7 +139,7 @@ def all_finite(tensor: torch.Tensor | np.ndarray) -> bool:
                     or bool(np.isfinite(tensor).all()))
     import torch
 
-    # one sum is finite only when every element is (NaN and Inf propagate), and is ~20x
+    # one sum is finite only when every element is (NaN and Inf propagate), and is much
     # faster than an elementwise test; an overflowing sum falls back to that test
     return (not tensor.is_floating_point()
             or math.isfinite(tensor.sum(dtype=torch.float32).item())
