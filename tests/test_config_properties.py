@@ -712,11 +712,10 @@ def _setting_location(path: tuple[Any, ...]) -> str:
     return text
 
 
-@examples(100)
-@given(recipe=valid_recipes().filter(lambda r: bool(_number_sites(r))), data=st.data(),
-       spelling=st.sampled_from(sorted(FLOAT32_MISFITS)))
-def test_numbers_float32_cannot_hold_are_refused_where_set(recipe: dict, data: st.DataObject,
-                                                           spelling: str, tmp_path: Path):
+def _refused_number(recipe: dict, data: st.DataObject, spelling: str,
+                    tmp_path: Path) -> tuple[tuple, Path, str]:
+    """A number site of ``recipe`` drawn and written as ``spelling`` in a recipe file: the
+    site, the file, and the one clean error loading it gives."""
     recipe = bind(recipe, HUB)
     site = data.draw(st.sampled_from(_number_sites(recipe)))
     _get(recipe, site[:-1])[site[-1]] = "@@NUMBER@@"
@@ -724,6 +723,15 @@ def test_numbers_float32_cannot_hold_are_refused_where_set(recipe: dict, data: s
     path = as_file(tmp_path, text)
     message = load_error(path)
     check_clean_error(MergeError(message))
+    return site, path, message
+
+
+@examples(100)
+@given(recipe=valid_recipes().filter(lambda r: bool(_number_sites(r))), data=st.data(),
+       spelling=st.sampled_from(sorted(FLOAT32_MISFITS)))
+def test_numbers_float32_cannot_hold_are_refused_where_set(recipe: dict, data: st.DataObject,
+                                                           spelling: str, tmp_path: Path):
+    site, path, message = _refused_number(recipe, data, spelling, tmp_path)
     assert message.startswith(f"{path}: {_setting_location(site)}: "
                               f"{FLOAT32_MISFITS[spelling]}"), (site, message)
 
@@ -733,13 +741,7 @@ def test_numbers_float32_cannot_hold_are_refused_where_set(recipe: dict, data: s
        spelling=st.sampled_from(["'0.5'", '"1"', "true", "false", "'1e-5'", "no"]))
 def test_strings_and_booleans_are_not_numbers(recipe: dict, data: st.DataObject,
                                               spelling: str, tmp_path: Path):
-    recipe = bind(recipe, HUB)
-    site = data.draw(st.sampled_from(_number_sites(recipe)))
-    _get(recipe, site[:-1])[site[-1]] = "@@NUMBER@@"
-    text = re.sub(r"'?@@NUMBER@@'?", spelling, dump_yaml(recipe))
-    path = as_file(tmp_path, text)
-    message = load_error(path)
-    check_clean_error(MergeError(message))
+    site, path, message = _refused_number(recipe, data, spelling, tmp_path)
     assert message.startswith(f"{path}: {_setting_location(site)}: "), (site, message)
 
 

@@ -268,13 +268,19 @@ def test_seed_does_not_matter_to_a_method_without_randomness(interrupted, llama_
     assert files(interrupted) == baseline
 
 
-def test_changed_input_starts_over(tmp_path, llama_models, monkeypatch, logs):
+def _stopped_after_shard_1(tmp_path, llama_models, monkeypatch) -> tuple[list[Path], Path]:
+    """Copies of two models, and the output of a merge of them that failed in shard 2."""
     models = [shutil.copytree(m, tmp_path / m.name) for m in llama_models[:2]]
     out = tmp_path / "out"
     fail_in_shard(monkeypatch, 1)
     with pytest.raises(Boom):
         merge_in_process(linear_recipe(models), out, out_shard_size=SHARD)
     monkeypatch.undo()
+    return models, out
+
+
+def test_changed_input_starts_over(tmp_path, llama_models, monkeypatch, logs):
+    models, out = _stopped_after_shard_1(tmp_path, llama_models, monkeypatch)
     weights = models[1] / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # 10 s later
@@ -290,12 +296,7 @@ def test_input_rewritten_with_same_size_and_time_starts_over(tmp_path, llama_mod
 
     from mergekit.io.safetensors_file import read_header
 
-    models = [shutil.copytree(m, tmp_path / m.name) for m in llama_models[:2]]
-    out = tmp_path / "out"
-    fail_in_shard(monkeypatch, 1)
-    with pytest.raises(Boom):
-        merge_in_process(linear_recipe(models), out, out_shard_size=SHARD)
-    monkeypatch.undo()
+    models, out = _stopped_after_shard_1(tmp_path, llama_models, monkeypatch)
     kept = partial(out) / "model-00001-of-00003.safetensors"
     with safe_open(kept, "pt") as f:
         name = next(iter(f.keys()))  # a tensor of the finished shard
