@@ -62,7 +62,9 @@ def test_strict_finite_refuses(tmp_path, llama_models, nan_model):
     proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,
                    "-q", "--strict-finite")
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
