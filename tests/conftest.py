@@ -145,6 +145,20 @@ def on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "NUMPY_ENGINE", False)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """small_chunks(n): both engines read elementwise merges' inputs in row chunks of about
+    n elements (whole rows), so tiny tensors span several chunks."""
+    import mergekit.execute as execute
+    import mergekit.execute_numpy as execute_numpy
+
+    def set_size(elements: int) -> None:
+        for module in (execute, execute_numpy):
+            monkeypatch.setattr(module, "CHUNK_ELEMENTS", elements)
+
+    return set_size
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
