@@ -64,20 +64,42 @@ def cyclic_garbage(do_merge) -> int:
             gc.enable()
 
 
-def test_cyclic_garbage_does_not_grow_with_the_merge(merge, llama_models, monkeypatch):
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_cyclic_garbage_does_not_grow_with_the_merge(engine, merge, llama_models, monkeypatch,
+                                                     small_chunks):
     """The CLI turns the cyclic collector off, which is safe only while a merge's cycles
     are a fixed few: 1 layer in one chunk per tensor and 4 layers in many chunks per
-    tensor must leave the same number."""
-    import mergekit.execute
+    tensor must leave the same number, on either engine."""
+    from collections import Counter
+
+    import mergekit.run as run
+    from mergekit.io.model import ModelSource
+
+    if engine == "torch":
+        monkeypatch.setattr(run, "NUMPY_ENGINE", False)
 
     def linear(layers: int) -> dict:
         return {"merge_method": "linear", "slices": [{"sources": [
             {"model": str(m), "layer_range": [0, layers], "parameters": {"weight": 0.5}}
             for m in llama_models[:2]]}]}
 
+    chunk_reads: Counter = Counter()  # row-chunk reads, by tensor
+    for read in ("read", "read_array"):
+        real = getattr(ModelSource, read)
+
+        def counting(self, name, rows=None, real=real):
+            if rows is not None:
+                chunk_reads[name] += 1
+            return real(self, name, rows)
+
+        monkeypatch.setattr(ModelSource, read, counting)
     merge(linear(1))  # one-off imports and caches
     small = cyclic_garbage(lambda: merge(linear(1)))
-    monkeypatch.setattr(mergekit.execute, "CHUNK_ELEMENTS", 64)
+    assert not chunk_reads
+    small_chunks(64)
     large = cyclic_garbage(lambda: merge(linear(4)))
+    # (64, 16) embeddings: 16 chunks of each of 2 models; 4 of each (16, 16) projection
+    assert chunk_reads["model.embed_tokens.weight"] == 32
+    assert len(chunk_reads) == 2 + 7 * 4
     assert small == large
     assert small < 200
