@@ -118,7 +118,7 @@ def test_row_chunks_give_identical_bytes(name, engine, cache, llama_models, merg
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
     module = execute_module if engine == "torch" else numpy_module
-    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)  # several chunks per tensor
     monkeypatch.setattr(execute_module, "PREPARE_CACHE_BYTES",
                         256 * 1024**2 if cache == "cached" else 0)
     calls = []
