@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def _benchmarks_module(name: str):
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_quick_mode_reports_the_merge_it_ran(tmp_path, monkeypatch):
     """``bench.py --quick`` (run as the script runs, in this process: only the merge it
     times is a subprocess) merges its tiny models and reports figures that agree with

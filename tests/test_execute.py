@@ -98,10 +98,16 @@ def _has_prepare(name: str) -> bool:
     return get_method(RECIPES[name]("a", "b", "c")["merge_method"]).prepare is not None
 
 
+# One recipe of each kind runs in the quick loop (-m "not slow"): no prepare pass, a
+# whole-tensor prepare pass, positional random draws, row-wise, copied bits; every recipe
+# runs in the full suite.
+QUICK_CHUNK_RECIPES = {"linear", "ties_sparse", "dare_ties", "nuslerp_rows", "passthrough"}
+
 # torch keeps a tensor's inputs between a prepare pass and the merge pass when they fit in
 # PREPARE_CACHE_BYTES ("cached"), else reads them again ("reread"); numpy always rereads
 CHUNK_CASES = [
-    pytest.param(name, engine, cache, id=f"{name}-{engine}-{cache}")
+    pytest.param(name, engine, cache, id=f"{name}-{engine}-{cache}",
+                 marks=() if name in QUICK_CHUNK_RECIPES else pytest.mark.slow)
     for name, engine in ENGINE_CASES
     for cache in (("cached", "reread") if engine == "torch" and _has_prepare(name)
                   else ("cached",))]

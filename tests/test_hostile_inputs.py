@@ -168,6 +168,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, llama_models):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_no_command_takes_a_token_on_the_command_line():
     for module in ("yaml_cmd", "legacy_cmd", "bakllama_cmd", "layershuffle_cmd"):
         proc = run_cli(f"mergekit.cli.{module}", "--help", env={"COLUMNS": "200"})

@@ -41,6 +41,7 @@ def test_baseline_has_several_shards(baseline):
     assert len(shard_tensor_counts(baseline)) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, recipe_file, baseline,
                                               llama_models):
@@ -85,6 +86,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, recipe_file, baseline,
         assert list(out.parent.iterdir()) == [out], point
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_second_run_into_the_same_out_is_refused_until_the_first_dies(
         tmp_path, recipe_file, baseline):

@@ -27,6 +27,7 @@ print(len(collections), gc.isenabled(), torch.__name__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["on", "off"])
 def test_torch_is_imported_without_collections_and_the_collector_is_restored(state):
     # not under coverage (which measures subprocesses when asked): its tracer's own
@@ -41,6 +42,7 @@ def test_torch_is_imported_without_collections_and_the_collector_is_restored(sta
     assert name == "torch"
 
 
+@pytest.mark.slow
 def test_importing_torch_normally_does_collect():
     """The control for the test above: the plain import does trigger collections."""
     probe = ("import gc; n = []; gc.callbacks.append(lambda p, i: p == 'start' and n.append(1))"
