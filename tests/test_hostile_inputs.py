@@ -156,6 +156,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_pickle_that_runs_code_is_refused(tmp_path, llama_models):
     bad = tmp_path / "bad"
     shutil.copytree(llama_models[1], bad)
