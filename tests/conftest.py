@@ -112,6 +112,12 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def env_without_coverage() -> dict[str, str]:
+    """This process's environment less coverage's request to measure Python subprocesses
+    (``[tool.coverage.run] patch``), for subprocesses that coverage would disturb."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+
+
 def run_cli(*args: str | Path, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mergekit.cli.<cmd>``-style entry points in a subprocess."""

@@ -4,11 +4,11 @@ merge leaves a fixed few objects in reference cycles, whatever its size."""
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import env_without_coverage
 
 # In a fresh interpreter (torch not yet imported): count the collections that happen while
 # import_torch runs, then report whether the collector is enabled again.
@@ -30,11 +30,10 @@ print(len(collections), gc.isenabled(), torch.__name__)
 @pytest.mark.slow
 @pytest.mark.parametrize("state", ["on", "off"])
 def test_torch_is_imported_without_collections_and_the_collector_is_restored(state):
-    # not under coverage (which measures subprocesses when asked): its tracer's own
-    # allocations, once the collector is back on, would set off a collection
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    # not under coverage: its tracer's own allocations, once the collector is back on,
+    # would set off a collection
     proc = subprocess.run([sys.executable, "-c", PROBE, state], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=120, env=env_without_coverage())
     assert proc.returncode == 0, proc.stderr
     count, enabled, name = proc.stdout.split()
     assert count == "0"  # importing torch otherwise runs hundreds of collections
