@@ -1,4 +1,9 @@
-"""Shared builders of tiny random transformers models (session-scoped, built in-process)."""
+"""Shared builders of tiny random transformers models (session-scoped, built in-process).
+
+The tests' own process runs merges with the command line's thread settings
+(``process_tuning.tune_threads``, applied here before anything loads torch): torch's idle
+OpenMP workers otherwise spin between operations, and on a busy 2-core machine spinning
+workers made chunked merges 20-30 times slower."""
 
 from __future__ import annotations
 
@@ -6,26 +11,39 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
-import torch
 import yaml
 from stopped_merges import SHARD, files, linear_recipe, merge_in_process
+
+from mergekit.process_tuning import tune_threads
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+if "torch" in sys.modules:
+    warnings.warn("torch was loaded before the tests' thread settings: merges may be slow",
+                  stacklevel=1)
+tune_threads()
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
 
 
 def build_llama(path: Path, seed: int, layers: int = 4, vocab: int = 64, tied: bool = False,
-                dtype: torch.dtype = torch.float32, safe: bool = True) -> Path:
+                dtype: torch.dtype | None = None, safe: bool = True) -> Path:
+    """A random Llama saved in ``path``; float32 unless ``dtype`` says otherwise."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=tied,
                       **TINY)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype or torch.float32)
     model.save_pretrained(path)
     if not safe:  # transformers 5 always writes safetensors: convert to a pickled checkpoint
         torch.save(model.state_dict(), path / "pytorch_model.bin")
@@ -34,6 +52,7 @@ def build_llama(path: Path, seed: int, layers: int = 4, vocab: int = 64, tied: b
 
 
 def build_gpt2(path: Path, seed: int, layers: int = 3, vocab: int = 64) -> Path:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -43,6 +62,7 @@ def build_gpt2(path: Path, seed: int, layers: int = 3, vocab: int = 64) -> Path:
 
 
 def build_neox(path: Path, seed: int, layers: int = 3, vocab: int = 64) -> Path:
+    import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
@@ -76,6 +96,7 @@ def neox_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (safetensors or .bin), read with the reference libraries."""
+    import torch
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -89,6 +110,12 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def env_without_coverage() -> dict[str, str]:
+    """This process's environment less coverage's request to measure Python subprocesses
+    (``[tool.coverage.run] patch``), for subprocesses that coverage would disturb."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None,
@@ -124,6 +151,18 @@ def on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "NUMPY_ENGINE", False)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """small_chunks(n): both backends read elementwise merges' inputs in row chunks of about
+    n elements (whole rows), so tiny tensors span several chunks."""
+    import mergekit.execute as execute
+
+    def set_size(elements: int) -> None:
+        monkeypatch.setattr(execute, "CHUNK_ELEMENTS", elements)
+
+    return set_size
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -131,6 +170,9 @@ def read_json(path: Path) -> dict:
 def run_method(name: str, tensors: list, base: object, **params: object) -> np.ndarray:
     """Run the registered method ``name`` on float32 copies of array-likes (``base`` may be
     None); list-valued parameters become per-model tuples. Checks dtype and shape."""
+    import numpy as np
+    import torch
+
     from mergekit.methods.registry import get_method
 
     method = get_method(name)

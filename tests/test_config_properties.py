@@ -469,18 +469,21 @@ def expected_layers(recipe: dict[str, Any]) -> int:
                for s in recipe["slices"])
 
 
+@pytest.mark.slow
 @examples(300)
 @given(data=yaml_like)
 def test_arbitrary_data_parses_or_fails_cleanly(data: Any):
     parse_outcome(data)
 
 
+@pytest.mark.slow
 @examples(300)
 @given(data=st.dictionaries(st.sampled_from(SCHEMA_KEYS), yaml_like, max_size=6))
 def test_schema_keyed_data_parses_or_fails_cleanly(data: Any):
     parse_outcome(data)
 
 
+@pytest.mark.slow
 @examples(300)
 @given(recipe=valid_recipes())
 def test_valid_recipes_parse_round_trip_and_plan(recipe: dict, llama_models, sources):
@@ -510,6 +513,7 @@ def check_valid(recipe: dict[str, Any], llama_models: list[Path],
     assert {j.dtype for j in plan.jobs} == {out_dtype}  # the fixtures hold only floats
 
 
+@pytest.mark.slow
 @examples(600)
 @given(mutated=mutated_recipes())
 def test_mutated_recipes_parse_or_fail_cleanly(mutated: tuple[Any, list[str]], llama_models,
@@ -517,6 +521,7 @@ def test_mutated_recipes_parse_or_fail_cleanly(mutated: tuple[Any, list[str]], l
     check_mutated(mutated[0], llama_models, sources)
 
 
+@pytest.mark.slow
 @examples(300)
 @given(mutated=mutated_recipes(structural=False))
 def test_doubtful_values_plan_or_fail_cleanly(mutated: tuple[Any, list[str]], llama_models,
@@ -580,6 +585,7 @@ YAML_PIECES = st.sampled_from([
 ])
 
 
+@pytest.mark.slow
 @examples(300)
 @given(text=st.one_of(st.text(max_size=200),
                       st.lists(YAML_PIECES, max_size=8).map("".join),

@@ -210,3 +210,51 @@ def test_dry_run_through_the_api(tmp_path, llama_models):
     assert plan.num_layers == 4
     assert [m for m, _ in plan.layer_origins] == [str(a)] * 3 + [str(b)]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def models_with_integer_tensors(tmp_path_factory, llama_models) -> list[Path]:
+    """Copies of two test models with an int64 buffer (different in each) and a bool
+    mask."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folders = []
+    for k, model in enumerate(llama_models[:2]):
+        folder = tmp_path_factory.mktemp("ints") / model.name
+        shutil.copytree(model, folder)
+        state = load_state(folder)
+        state["model.position_ids"] = torch.arange(8, dtype=torch.int64) * (k + 1) + 2**40
+        state["model.layers.0.attn_mask"] = torch.arange(12).reshape(3, 4) % (k + 2) == 0
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_integer_tensors_are_copied_exactly(engine, models_with_integer_tensors, merge,
+                                            monkeypatch):
+    """Integer and bool tensors are not merged: they come from the first model, bit for
+    bit and in their dtype, while the float tensors around them are merged and cast."""
+    from safetensors import safe_open
+
+    import mergekit.run as run
+
+    # "numpy": the engine run.py picks for linear on the CPU; today it picks torch for a model
+    # with integer tensors (numpy_can_run takes float jobs only), so both runs are torch's
+    if engine == "torch":
+        monkeypatch.setattr(run, "NUMPY_ENGINE", False)
+    a, b = models_with_integer_tensors
+    out = merge({"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}},
+        {"model": str(b), "parameters": {"weight": 3.0}}]})
+    A, B, Out = load_state(a), load_state(b), load_state(out)
+    assert Out.keys() == A.keys()
+    for name in ("model.position_ids", "model.layers.0.attn_mask"):
+        assert Out[name].dtype == A[name].dtype and torch.equal(Out[name], A[name]), name
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.position_ids").get_dtype() == "I64"
+        assert f.get_slice("model.layers.0.attn_mask").get_dtype() == "BOOL"
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(Out[name], ((A[name] + 3 * B[name]) / 4).to(torch.bfloat16))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_state
+from conftest import load_state, run_method
 
 import mergekit.backends as backends
 import mergekit.execute as execute_module
@@ -94,9 +94,28 @@ ENGINE_CASES = [(name, "torch") for name in sorted(RECIPES)] + [
     (name, "numpy") for name in sorted(RECIPES) if _takes_arrays(name)]
 
 
-@pytest.mark.parametrize("cache_bytes", [256 * 1024**2, 0], ids=["cached", "reread"])
-@pytest.mark.parametrize("name, engine", ENGINE_CASES)
-def test_row_chunks_give_identical_bytes(name, engine, cache_bytes, llama_models, merge,
+def _has_prepare(name: str) -> bool:
+    from mergekit.methods.registry import get_method
+
+    return get_method(RECIPES[name]("a", "b", "c")["merge_method"]).prepare is not None
+
+
+# One recipe of each kind runs in the quick loop (-m "not slow"): no prepare pass, a
+# whole-tensor prepare pass, positional random draws, row-wise, copied bits; every recipe
+# runs in the full suite.
+QUICK_CHUNK_RECIPES = {"linear", "ties_sparse", "dare_ties", "nuslerp_rows", "passthrough"}
+
+# a backend keeps a tensor's inputs between a prepare pass and the merge pass when they fit
+# in its prepare_cache_bytes ("cached"), else reads them again ("reread")
+CHUNK_CASES = [
+    pytest.param(name, engine, cache, id=f"{name}-{engine}-{cache}",
+                 marks=() if name in QUICK_CHUNK_RECIPES else pytest.mark.slow)
+    for name, engine in ENGINE_CASES
+    for cache in (("cached", "reread") if _has_prepare(name) else ("cached",))]
+
+
+@pytest.mark.parametrize("name, engine, cache", CHUNK_CASES)
+def test_row_chunks_give_identical_bytes(name, engine, cache, llama_models, merge,
                                          monkeypatch):
     import mergekit.run as run
 
@@ -104,9 +123,10 @@ def test_row_chunks_give_identical_bytes(name, engine, cache_bytes, llama_models
         monkeypatch.setattr(run, "NUMPY_ENGINE", False)
     recipe = RECIPES[name](*(str(m) for m in llama_models))
     whole = merge(recipe)
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)  # forces several chunks per tensor
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)  # several chunks per tensor
     for backend in (backends.NumpyBackend, backends.TorchBackend):
-        monkeypatch.setattr(backend, "prepare_cache_bytes", cache_bytes)
+        monkeypatch.setattr(backend, "prepare_cache_bytes",
+                            256 * 1024**2 if cache == "cached" else 0)
     calls = []
     real = execute_module.row_chunks
     monkeypatch.setattr(execute_module, "row_chunks",
@@ -304,3 +324,44 @@ def test_empty_tensors_merge_to_empty_tensors(name, engine, models_with_empty_te
     for tensor_name, shape in (("model.layers.0.mlp.no_rows", (0, 16)),
                                ("model.layers.0.mlp.no_columns", (3, 0))):
         assert tuple(state[tensor_name].shape) == shape, tensor_name
+
+
+@pytest.fixture(scope="module")
+def models_with_random_norms(tmp_path_factory, llama_models) -> list[Path]:
+    """Copies of the test models whose norm weights (1-D, 16 entries; all ones as built)
+    are random."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folders = []
+    generator = torch.Generator().manual_seed(0)
+    for model in llama_models:
+        folder = tmp_path_factory.mktemp("norms") / model.name
+        shutil.copytree(model, folder)
+        state = {name: torch.randn(t.shape, generator=generator) if t.dim() == 1 else t
+                 for name, t in load_state(folder).items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+def test_one_dimensional_tensors_stay_whole(models_with_random_norms, merge, small_chunks):
+    """A 1-D tensor larger than a chunk is one row for row-wise methods: della ranks the
+    magnitudes of all 16 entries of a norm weight, not of 4-entry pieces."""
+    from mergekit.plan import tensor_seed
+
+    paths = models_with_random_norms
+    a, b, c = (load_state(m) for m in paths)
+    recipe = {"merge_method": "della", "base_model": str(paths[0]), "models": [
+        {"model": str(paths[1]), "parameters": {"weight": 0.5, "density": 0.4}},
+        {"model": str(paths[2]), "parameters": {"weight": 0.7, "density": 0.6}}]}
+    small_chunks(4)
+    merged = load_state(merge(recipe))
+    norms = [name for name, t in merged.items() if t.dim() == 1]
+    assert len(norms) == 9 and all(merged[name].numel() == 16 for name in norms)
+    for name in norms:
+        expected = run_method("della", [b[name], c[name]], a[name], weight=[0.5, 0.7],
+                              density=[0.4, 0.6], epsilon=[0.15, 0.15],
+                              seed=tensor_seed(None, name), numel=16)
+        assert torch.equal(merged[name], torch.from_numpy(expected)), name

@@ -121,9 +121,17 @@ def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
     return seen
 
 
+# Every recipe on whole tensors; in row chunks, one of each kind in the quick loop
+# (-m "not slow") and every one in the full suite.
+QUICK_CHUNKED = {"linear-bf16", "linear-nonfinite", "slerp-far", "model_stock", "passthrough"}
+BYTES_CASES = [pytest.param(name, None, id=f"{name}-None") for name in sorted(RECIPES)] + [
+    pytest.param(name, 40, id=f"{name}-40",
+                 marks=() if name in QUICK_CHUNKED else pytest.mark.slow)
+    for name in sorted(RECIPES)]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("chunk_elements", [None, 40])
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name, chunk_elements", BYTES_CASES)
 def test_numpy_gives_the_bytes_of_torch(name, chunk_elements, models, merge, monkeypatch):
     recipe = RECIPES[name](models)
     if chunk_elements:  # several row chunks per tensor

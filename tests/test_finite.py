@@ -1,5 +1,6 @@
 """NaN or Inf in an input: a warning naming model and tensor; --strict-finite fails."""
 
+import logging
 import shutil
 
 import pytest
@@ -33,8 +34,46 @@ def test_nan_input_warns_with_model_and_tensor(tmp_path, llama_models, nan_model
                    "-q")
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "NaN or Inf" in line]
-    assert len(warnings) == 1, proc.stderr  # once, though the tensor is read in chunks
+    assert len(warnings) == 1, proc.stderr
     assert str(nan_model) in warnings[0] and BAD in warnings[0]
+    merged = load_file(out / "model.safetensors")
+    assert torch.isnan(merged[BAD][0, 0]) and torch.isinf(merged[BAD][1, 2])
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_nan_input_warns_once_though_read_in_chunks(engine, llama_models, nan_model, merge,
+                                                    small_chunks, monkeypatch):
+    """NaN (row 0) and Inf (row 1) of one tensor, read in one-row chunks: two chunks are
+    found not finite, on either engine, and the warning comes once."""
+    import mergekit.execute as execute
+    import mergekit.run as run
+
+    if engine == "torch":
+        monkeypatch.setattr(run, "NUMPY_ENGINE", False)
+    small_chunks(16)  # BAD is (32, 16): one row per chunk
+    found = []  # the row ranges of BAD seen not finite
+    real_call = execute.FiniteCheck.__call__
+
+    def call(self, model, name, rows, tensor):
+        if name == BAD and not execute.all_finite(tensor):
+            found.append(rows)
+        real_call(self, model, name, rows, tensor)
+
+    monkeypatch.setattr(execute.FiniteCheck, "__call__", call)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("mergekit")
+    logger.addHandler(handler)
+    try:
+        out = merge({"merge_method": "linear", "models": [
+            {"model": str(llama_models[0]), "parameters": {"weight": 0.5}},
+            {"model": str(nan_model), "parameters": {"weight": 0.5}}]})
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(set(found)) == [(0, 1), (1, 2)]
+    warnings = [r.getMessage() for r in records if "NaN or Inf" in r.getMessage()]
+    assert len(warnings) == 1 and str(nan_model) in warnings[0] and BAD in warnings[0]
     merged = load_file(out / "model.safetensors")
     assert torch.isnan(merged[BAD][0, 0]) and torch.isinf(merged[BAD][1, 2])
 
@@ -62,7 +101,9 @@ def test_strict_finite_refuses(tmp_path, llama_models, nan_model):
     proc = run_cli("mergekit.cli.yaml_cmd", recipe(tmp_path, llama_models[0], nan_model), out,
                    "-q", "--strict-finite", "--no-copy-tokenizer")
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: model {nan_model}: tensor {BAD} holds NaN or Inf")
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -156,6 +156,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_pickle_that_runs_code_is_refused(tmp_path, llama_models):
     bad = tmp_path / "bad"
     shutil.copytree(llama_models[1], bad)
@@ -168,6 +169,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, llama_models):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_no_command_takes_a_token_on_the_command_line():
     for module in ("yaml_cmd", "legacy_cmd", "bakllama_cmd", "layershuffle_cmd"):
         proc = run_cli(f"mergekit.cli.{module}", "--help", env={"COLUMNS": "200"})

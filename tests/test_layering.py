@@ -61,7 +61,8 @@ ABOVE_IO = (
     "mergekit.cli", "mergekit.wrappers", "mergekit.reference", "mergekit.process_tuning",
     "mergekit.config", "mergekit.recipe_checks", "mergekit.recipe_fields",
     "mergekit.parameters", "mergekit.plan", "mergekit.run", "mergekit.output_artifacts",
-    "mergekit.provenance", "mergekit.execute", "mergekit.execute_numpy", "mergekit.transfer",
+    "mergekit.provenance", "mergekit.execute", "mergekit.backends", "mergekit.finite",
+    "mergekit.failpoints", "mergekit.transfer",
     "mergekit.methods",
 )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import env_without_coverage
 from stopped_merges import (
     SHARD,
     files,
@@ -41,6 +42,7 @@ def test_baseline_has_several_shards(baseline):
     assert len(shard_tensor_counts(baseline)) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, recipe_file, baseline,
                                               llama_models):
@@ -85,6 +87,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, recipe_file, baseline,
         assert list(out.parent.iterdir()) == [out], point
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_second_run_into_the_same_out_is_refused_until_the_first_dies(
         tmp_path, recipe_file, baseline):
@@ -132,7 +135,8 @@ def test_full_disk_keeps_the_finished_shards_and_says_so(tmp_path, llama_models,
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-c", FSIZE_LIMITED, str(max(sizes[:fails])), str(recipe_file),
-         str(out), "-q", "--out-shard-size", "5k"], capture_output=True, text=True, timeout=120)
+         str(out), "-q", "--out-shard-size", "5k"], capture_output=True, text=True, timeout=120,
+        env=env_without_coverage())  # coverage's data file would be cut short too
     assert proc.returncode == 1, proc.stderr
     assert "cannot write" in proc.stderr
     assert f"{fails} of {len(sizes)} shard(s) are finished and kept in {partial(out)}" \
@@ -447,7 +451,8 @@ def test_full_disk_while_copying_the_tokenizer(tmp_path, tokenized_recipe):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-c", FSIZE_LIMITED, "100000", str(recipe), str(out), "-q",
-         "--out-shard-size", SHARD], capture_output=True, text=True, timeout=120)
+         "--out-shard-size", SHARD], capture_output=True, text=True, timeout=120,
+        env=env_without_coverage())  # coverage's data file would be cut short too
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines()[-2:] == [
         f"error: {partial(out) / 'tokenizer.json'}: cannot write (File too large); free disk "

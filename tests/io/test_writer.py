@@ -193,13 +193,14 @@ def test_real_write_failure_fails_the_merge_cleanly(tmp_path, llama_models):
     import subprocess
     import sys
 
-    from conftest import write_recipe
+    from conftest import env_without_coverage, write_recipe
 
     recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
         {"model": str(m), "parameters": {"weight": 1.0}} for m in llama_models[:2]]})
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", FSIZE_LIMITED, str(recipe), str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env=env_without_coverage())  # the limit would cut coverage's file
     assert proc.returncode == 1, proc.stderr
     assert "error:" in proc.stderr and "safetensors" in proc.stderr
     assert "cannot write" in proc.stderr

@@ -184,6 +184,7 @@ def runs(llama_models, tmp_path_factory):
                 via_yaml=via_yaml, yaml_out=yaml_out)
 
 
+@pytest.mark.slow
 def test_layers_embedding_and_head_come_from_the_named_models(runs):
     assert runs["baked"].returncode == 0, runs["baked"].stderr
     a, b, c = (load_state(p) for p in runs["models"])
@@ -219,6 +220,7 @@ def test_layers_embedding_and_head_come_from_the_named_models(runs):
     assert config["torch_dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_print_yaml_round_trip_is_byte_identical(runs):
     assert runs["printed"].returncode == 0, runs["printed"].stderr
     a, b, c = runs["models"]

@@ -189,6 +189,7 @@ def runs(llama_models, tmp_path_factory):
                 via_yaml=via_yaml, yaml_out=yaml_out)
 
 
+@pytest.mark.slow
 def test_each_output_layer_is_the_picked_models_layer(runs):
     assert runs["merged"].returncode == 0, runs["merged"].stderr
     recipe = yaml.safe_load(runs["written"].read_text())
@@ -210,11 +211,13 @@ def test_each_output_layer_is_the_picked_models_layer(runs):
     assert read_json(runs["out"] / "config.json")["num_hidden_layers"] == 4
 
 
+@pytest.mark.slow
 def test_seeded_print_yaml_equals_written_yaml(runs):
     assert runs["printed"].returncode == 0, runs["printed"].stderr
     assert runs["printed"].stdout == runs["written"].read_text()
 
 
+@pytest.mark.slow
 def test_written_recipe_through_mergekit_yaml_is_byte_identical(runs):
     assert runs["via_yaml"].returncode == 0, runs["via_yaml"].stderr
     a, b = runs["out"], runs["yaml_out"]

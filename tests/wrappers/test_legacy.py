@@ -261,6 +261,7 @@ def ties_expected(base: torch.Tensor, others: list[torch.Tensor], weights: list[
     return (base.flatten() + mixed / divisor).reshape(base.shape)
 
 
+@pytest.mark.slow
 def test_legacy_merge_gives_ties_of_the_flags(runs):
     proc = runs["merged"]
     assert proc.returncode == 0, proc.stderr
@@ -277,6 +278,7 @@ def test_legacy_merge_gives_ties_of_the_flags(runs):
     assert read_json(out / "config.json")["num_hidden_layers"] == 4
 
 
+@pytest.mark.slow
 def test_print_yaml_prints_the_recipe_and_merges_nothing(runs):
     proc = runs["printed"]
     assert proc.returncode == 0, proc.stderr
@@ -291,6 +293,7 @@ def test_print_yaml_prints_the_recipe_and_merges_nothing(runs):
     }
 
 
+@pytest.mark.slow
 def test_printed_recipe_through_mergekit_yaml_is_byte_identical(runs):
     assert runs["merged"].returncode == 0, runs["merged"].stderr
     assert runs["via_yaml"].returncode == 0, runs["via_yaml"].stderr
