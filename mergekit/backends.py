@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -226,12 +226,12 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum(dtype=torch.float32) if tensor.element_size() == 1 else tensor.sum()
 
 
-def numpy_can_run(job: TensorJob, method: Method, params: Any,
+def numpy_can_run(job: TensorJob, method: Method, params: Callable[[], Any],
                   sources: Mapping[str, ModelSource]) -> bool:
-    """Whether the numpy backend can run the job: a method that takes arrays with these
-    ``params``, and inputs and output it reads and writes."""
+    """Whether the numpy backend can run the job: a method that takes arrays with the job's
+    ``params()``, and inputs and output it reads and writes."""
     refs = job.inputs + ((job.base,) if job.base else ())
-    return (job.dtype in NUMPY_CODES and method.takes_arrays(params)
+    return (job.dtype in NUMPY_CODES and method.takes_arrays(params())
             and all(sources[r.model].is_safetensors(r.name)
                     and sources[r.model].info(r.name).dtype in NUMPY_CODES for r in refs))
 

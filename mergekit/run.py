@@ -150,7 +150,7 @@ def _backend(plan: MergePlan, sources: Mapping[str, ModelSource],
     (``backends.py``), else torch on the chosen device."""
     method = get_method(plan.method)
     if (NUMPY_ENGINE and options.torch_device == "cpu" and bool(method.arrays)
-            and all(numpy_can_run(job, method, job_params(job, method), sources)
+            and all(numpy_can_run(job, method, lambda j=job: job_params(j, method), sources)
                     for job in plan.jobs)):
         return numpy_backend()
     return torch_backend(options.torch_device)

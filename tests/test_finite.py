@@ -45,21 +45,21 @@ def test_nan_input_warns_once_though_read_in_chunks(engine, llama_models, nan_mo
                                                     small_chunks, monkeypatch):
     """NaN (row 0) and Inf (row 1) of one tensor, read in one-row chunks: two chunks are
     found not finite, on either engine, and the warning comes once."""
-    import mergekit.execute as execute
+    import mergekit.finite as finite
     import mergekit.run as run
 
     if engine == "torch":
         monkeypatch.setattr(run, "NUMPY_ENGINE", False)
     small_chunks(16)  # BAD is (32, 16): one row per chunk
     found = []  # the row ranges of BAD seen not finite
-    real_call = execute.FiniteCheck.__call__
+    real_call = finite.FiniteCheck.__call__
 
     def call(self, model, name, rows, tensor):
-        if name == BAD and not execute.all_finite(tensor):
+        if name == BAD and not finite.all_finite(tensor):
             found.append(rows)
         real_call(self, model, name, rows, tensor)
 
-    monkeypatch.setattr(execute.FiniteCheck, "__call__", call)
+    monkeypatch.setattr(finite.FiniteCheck, "__call__", call)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
