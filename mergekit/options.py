@@ -49,6 +49,8 @@ class MergeOptions(BaseModel):
                                 "instead of warning")
     allow_nonfinite: bool = Field(False, description="write a merged tensor holding NaN or "
                                   "Inf its inputs lack, with a warning, instead of failing")
+    overwrite: bool = Field(False, description="replace an earlier output in OUT made by a "
+                            "different recipe or options")
     resume: bool = Field(True, description="keep the shards an interrupted run of the same "
                          "merge finished (False: start over)")
 

@@ -61,9 +61,11 @@ def run_merge(
                           options.random_seed)
         for warning in plan.warnings:
             log.warning(warning)
+        made_by = _made_by(config, plan, options)
         if not options.dry_run:
             output_folder.check_output(
-                out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
+                out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local],
+                made_by, options.overwrite,
             )
         # everything besides the weights is checked before any weight is read
         files = _artifacts(config, plan, sources, out, options)
@@ -85,7 +87,8 @@ def run_merge(
                                skip={output_folder.JOURNAL, output_folder.LOCK})
             stop_for_test("before-move")
             journal.close()
-            output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
+            # drops the lock file and the journal
+            output_folder.move_into_place(tmp, out, made_by, options.overwrite)
             lock.release(None)
         except BaseException as exc:
             keep_partial_work(exc, tmp, lock, journal, len(plan.shard_files))
@@ -247,21 +250,30 @@ def _provenance(
 ) -> dict[str, Any]:
     """The manifest without the shards' sha256: what decides the output's bytes."""
     from mergekit import __version__
-    from mergekit.config import recipe_to_plain
     from mergekit.io.manifest import manifest
 
     read: dict[str, set[str]] = {}
     for job in plan.jobs:
         for ref in job.inputs + ((job.base,) if job.base else ()):
             read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
-    # the options that change the output's bytes
-    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
-    if get_method(plan.method).random:
-        result_options["random_seed"] = options.random_seed
-    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {},
+    made_by = _made_by(config, plan, options)
+    record = manifest(__version__, made_by["recipe"], made_by["options"], sources, read, {},
                       options.hash_inputs)
     del record["shards"]
     return record
+
+
+def _made_by(config: MergeConfiguration, plan: MergePlan,
+             options: MergeOptions) -> dict[str, Any]:
+    """The manifest's ``recipe`` and ``options`` records: the recipe and the options that
+    change the output's bytes. An earlier output with other ones is replaced only with
+    --overwrite."""
+    from mergekit.config import recipe_to_plain
+
+    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
+    if get_method(plan.method).random:
+        result_options["random_seed"] = options.random_seed
+    return {"recipe": recipe_to_plain(config), "options": result_options}
 
 
 def _shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:

@@ -381,12 +381,13 @@ def test_output_with_foreign_files_is_refused(tmp_path, llama_models):
 
 
 def test_rerun_replaces_an_earlier_output(tmp_path, llama_models, merge):
-    """A folder holding an earlier merge (its manifest lists all it holds) is replaced."""
+    """A folder holding an earlier merge (its manifest lists all it holds) is replaced; one
+    of a different recipe with --overwrite."""
     a, b, c = (str(m) for m in llama_models)
     out = merge(linear_recipe(a, b))
     assert (out / "mergekit_config.yml").is_file()
     second = write_recipe(tmp_path / "second.yml", linear_recipe(a, c))
-    proc = yaml_cmd(second, out, "-q")
+    proc = yaml_cmd(second, out, "-q", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     name = "model.layers.0.self_attn.q_proj.weight"
     expected = (load_state(a)[name] + load_state(c)[name]) / 2

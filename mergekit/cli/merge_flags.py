@@ -64,3 +64,7 @@ Resume = Annotated[
     bool, typer.Option("--resume/--no-resume", help="Keep the shards an interrupted run of the "
                        "same merge finished (default), or start over.")
 ]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier output in OUT that a different "
+                       "recipe or options made (a rerun of the same one replaces it anyway).")
+]
