@@ -51,6 +51,8 @@ def run_merge(
     ``options.resume`` is false)."""
     options = options or MergeOptions()
     out = Path(out_path)
+    if options.torch_device != "cpu":  # before any work: the engine would find out last
+        _device(options)
     reader = SafetensorsReader()
     try:
         sources = {
@@ -101,11 +103,21 @@ def run_merge(
 
 
 def _device(options: MergeOptions) -> torch.device:
-    import torch
-
-    device = torch.device(options.torch_device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error("--cuda", "no CUDA device is available", "run without --cuda")
+    """The device the options name, checked: it exists on this machine."""
+    torch = import_torch()
+    flag = f"--device {options.device}" if options.device else "--cuda"
+    try:
+        device = torch.device(options.torch_device)
+    except (RuntimeError, ValueError):
+        raise usage_error(flag, "is not a torch device", "use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise usage_error(flag, "no CUDA device is available",
+                              f"run without {flag.split()[0]}")
+        if device.index is not None and device.index >= count:
+            raise usage_error(flag, f"this machine has {count} CUDA device(s), numbered from "
+                              "0", f"use cuda:0 to cuda:{count - 1}")
     return device
 
 

@@ -395,6 +395,24 @@ def test_rerun_replaces_an_earlier_output(tmp_path, llama_models, merge):
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["models"][1]["model"] == c
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags", [["--cuda"], ["--device", "cuda:1"], ["--cuda", "--dry-run"]])
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, llama_models, flags):
+    from hostile import tree_digest
+
+    a, b = (str(m) for m in llama_models[:2])
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(a, b))
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = yaml_cmd(recipe, out, "--no-copy-tokenizer", *flags)  # progress bars on
+    assert proc.returncode == 2, proc.stderr
+    flag = " ".join(flags[:2]) if flags[0] == "--device" else "--cuda"
+    assert proc.stderr == (f"error: {flag}: no CUDA device is available; run without "
+                           f"{flags[0]}\n")
+    assert proc.stdout == ""
+    assert tree_digest(tmp_path) == before
+
+
 def test_help_lists_options():
     proc = run_cli("mergekit.cli.yaml_cmd", "--help", env={"COLUMNS": "200"})
     assert proc.returncode == 0
