@@ -421,6 +421,23 @@ def test_help_lists_options():
         assert option in proc.stdout, option
 
 
+@pytest.mark.parametrize("command", ["yaml_cmd", "methods_cmd", "verify_cmd", "legacy_cmd",
+                                     "bakllama_cmd", "layershuffle_cmd"])
+def test_help_reads_well_at_80_columns(command):
+    """Descriptions wrap beside the flags in lines of whole words: no table squeezing them
+    into a narrow column, no flag cut short."""
+    proc = run_cli(f"mergekit.cli.{command}", "--help", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    assert not set("│╭╰…") & set(proc.stdout), proc.stdout
+    text = " ".join(proc.stdout.split())  # the words in order, line breaks aside
+    assert "-h, --help Show this message and exit." in text
+    if command not in ("methods_cmd", "verify_cmd"):
+        assert "--write-model-card / --no-write-model-card Write a README.md model card." in text
+        assert ("--trust-remote-code Accepted for compatibility; no effect: the merge never "
+                "runs model code.") in text
+
+
 def test_missing_arguments_is_a_usage_error():
     proc = yaml_cmd()
     assert proc.returncode == 2

@@ -26,6 +26,15 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def command_app() -> typer.Typer:
+    """A typer app for one command. Help is click's plain layout: rich's option table
+    squeezed each description into a third of an 80-column terminal; plain text wraps them
+    beside the flags, or below a flag too long to share the line."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
