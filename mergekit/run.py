@@ -80,7 +80,7 @@ def run_merge(
         journal = None
         try:
             journal = Journal.open(tmp, fingerprint(_shards_provenance(provenance),
-                                                    format_plan(plan)),
+                                                    format_plan(plan, full=True)),
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
             artifacts.write_artifacts(tmp, files)

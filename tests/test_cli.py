@@ -111,6 +111,8 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model.layers.4.mlp.down_proj.weight" in proc.stdout
     assert "5 layers" in proc.stdout
+    # one output file: no shard numbers; nothing the engine sets itself
+    assert " shard=" not in proc.stdout and "=None" not in proc.stdout
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yml"]
 
