@@ -250,12 +250,23 @@ def import_torch() -> ModuleType:
     return torch
 
 
-def check_device(name: str) -> torch.device:
-    """The torch device ``name``; a usage error when it is a GPU that is not there."""
+def check_device(name: str, flag_value: str | None = None) -> torch.device:
+    """The torch device ``name``, checked: it exists on this machine. ``flag_value``: the
+    --device given, if any (else --cuda named it), for the message."""
     torch = import_torch()
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error("--cuda", "no CUDA device is available", "run without --cuda")
+    flag = f"--device {flag_value}" if flag_value else "--cuda"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise usage_error(flag, "is not a torch device", "use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise usage_error(flag, "no CUDA device is available",
+                              f"run without {flag.split()[0]}")
+        if device.index is not None and device.index >= count:
+            raise usage_error(flag, f"this machine has {count} CUDA device(s), numbered from "
+                              "0", f"use cuda:0 to cuda:{count - 1}")
     return device
 
 

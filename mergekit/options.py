@@ -36,8 +36,8 @@ class MergeOptions(BaseModel):
     random_seed: int | None = Field(None, description="seed for methods that draw at random")
     clone_tensors: bool = Field(False, description="accepted for compatibility; tensors are "
                                 "never shared between outputs")
-    trust_remote_code: bool = Field(False, description="allow custom model code (never run "
-                                    "by the merge itself)")
+    trust_remote_code: bool = Field(False, description="accepted for compatibility; no "
+                                    "effect: the merge never runs model code")
     transformers_cache: str | None = Field(None, description="hub cache folder to use")
     write_model_card: bool = Field(True, description="write README.md with the merge details")
     verbose: bool = Field(False, description="show tracebacks and details")
@@ -49,6 +49,8 @@ class MergeOptions(BaseModel):
                                 "instead of warning")
     allow_nonfinite: bool = Field(False, description="write a merged tensor holding NaN or "
                                   "Inf its inputs lack, with a warning, instead of failing")
+    overwrite: bool = Field(False, description="replace an earlier output in OUT made by a "
+                            "different recipe or options")
     resume: bool = Field(True, description="keep the shards an interrupted run of the same "
                          "merge finished (False: start over)")
 

@@ -334,17 +334,26 @@ def tensor_seed(random_seed: int | None, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def format_plan(plan: MergePlan) -> str:
-    """Human-readable plan for --dry-run, one line per output tensor: the tensor names come
-    from the inputs' headers, so their control characters and line breaks are escaped."""
+def format_plan(plan: MergePlan, full: bool = False) -> str:
+    """The plan for --dry-run, one line per output tensor: its shape, dtype, method, inputs
+    and resolved recipe parameters, and its shard where there are several. ``full``: also
+    what the engine sets itself (the per-tensor seed, fields of the prepare pass) and the
+    shard of a single-file output: every field that decides the output's bytes, for the
+    resume fingerprint. The tensor names come from the inputs' headers, so their control
+    characters and line breaks are escaped."""
+    recipe_params = {name: {p.name for p in get_method(name).params}
+                     for name in {job.method for job in plan.jobs}}
+    show_shard = full or len(plan.shard_files) > 1
     lines = []
     for job in plan.jobs:
         ins = ", ".join(f"{r.model}:{r.name}" for r in job.inputs)
         base = f" base={job.base.model}:{job.base.name}" if job.base else ""
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items()
+                          if full or k in recipe_params[job.method])
+        shard = f" shard={job.shard + 1}" if show_shard else ""
         how = job.method if job.compute else "copy"
         lines.append(printable(
-            f"{job.output_name} {list(job.shape)} {job.dtype} shard={job.shard + 1} {how} "
+            f"{job.output_name} {list(job.shape)} {job.dtype}{shard} {how} "
             f"[{ins}]{base} {params}".rstrip()
         ))
     lines.append("")

@@ -31,14 +31,22 @@ def output_provenance(
     for job in plan.jobs:
         for ref in job.inputs + ((job.base,) if job.base else ()):
             read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
-    # the options that change the output's bytes
-    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
-    if get_method(plan.method).random:
-        result_options["random_seed"] = options.random_seed
-    record = manifest(__version__, recipe_to_plain(config), result_options, sources, read, {},
+    made = made_by(config, plan, options)
+    record = manifest(__version__, made["recipe"], made["options"], sources, read, {},
                       options.hash_inputs)
     del record["shards"]
     return record
+
+
+def made_by(config: MergeConfiguration, plan: MergePlan,
+            options: MergeOptions) -> dict[str, Any]:
+    """The manifest's ``recipe`` and ``options`` records: the recipe and the options that
+    change the output's bytes. An earlier output with other ones is replaced only with
+    --overwrite."""
+    result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
+    if get_method(plan.method).random:
+        result_options["random_seed"] = options.random_seed
+    return {"recipe": recipe_to_plain(config), "options": result_options}
 
 
 def shards_provenance(provenance: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from mergekit.backends import Backend, numpy_backend, numpy_can_run, torch_backend
+from mergekit.backends import (
+    Backend,
+    check_device,
+    numpy_backend,
+    numpy_can_run,
+    torch_backend,
+)
 from mergekit.config import MergeConfiguration
 from mergekit.execute import execute_job, job_params
 from mergekit.failpoints import failpoint
@@ -25,7 +31,7 @@ from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
 from mergekit.output_artifacts import resolve_output_artifacts
 from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
-from mergekit.provenance import output_provenance, shards_provenance
+from mergekit.provenance import made_by, output_provenance, shards_provenance
 
 log = logging.getLogger("mergekit")
 
@@ -44,6 +50,8 @@ def run_merge(
     ``options.resume`` is false)."""
     options = options or MergeOptions()
     out = Path(out_path)
+    if options.torch_device != "cpu":  # before any work: the engine would find out last
+        check_device(options.torch_device, options.device)
     reader = SafetensorsReader()
     try:
         sources = {
@@ -54,9 +62,11 @@ def run_merge(
                           options.random_seed)
         for warning in plan.warnings:
             log.warning(warning)
+        made = made_by(config, plan, options)
         if not options.dry_run:
             output_folder.check_output(
-                out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local]
+                out, [Path(s.ref.path) for s in sources.values() if s.ref.is_local],
+                made, options.overwrite,
             )
         # everything besides the weights is checked before any weight is read
         files = resolve_output_artifacts(config, plan, sources, out, options)
@@ -69,7 +79,7 @@ def run_merge(
         journal = None
         try:
             journal = Journal.open(tmp, fingerprint(shards_provenance(provenance),
-                                                    format_plan(plan)),
+                                                    format_plan(plan, full=True)),
                                    plan.shard_files, options.resume)
             hashes = _write_weights(plan, sources, tmp, options, journal)
             artifacts.write_artifacts(tmp, files)
@@ -78,7 +88,8 @@ def run_merge(
                                skip={output_folder.JOURNAL, output_folder.LOCK})
             failpoint("before-move")
             journal.close()
-            output_folder.move_into_place(tmp, out)  # drops the lock file and the journal
+            # drops the lock file and the journal
+            output_folder.move_into_place(tmp, out, made, options.overwrite)
             lock.release(None)
         except BaseException as exc:
             keep_partial_work(exc, tmp, lock, journal, len(plan.shard_files))

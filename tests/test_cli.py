@@ -111,6 +111,8 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model.layers.4.mlp.down_proj.weight" in proc.stdout
     assert "5 layers" in proc.stdout
+    # one output file: no shard numbers; nothing the engine sets itself
+    assert " shard=" not in proc.stdout and "=None" not in proc.stdout
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yml"]
 
@@ -381,17 +383,36 @@ def test_output_with_foreign_files_is_refused(tmp_path, llama_models):
 
 
 def test_rerun_replaces_an_earlier_output(tmp_path, llama_models, merge):
-    """A folder holding an earlier merge (its manifest lists all it holds) is replaced."""
+    """A folder holding an earlier merge (its manifest lists all it holds) is replaced; one
+    of a different recipe with --overwrite."""
     a, b, c = (str(m) for m in llama_models)
     out = merge(linear_recipe(a, b))
     assert (out / "mergekit_config.yml").is_file()
     second = write_recipe(tmp_path / "second.yml", linear_recipe(a, c))
-    proc = yaml_cmd(second, out, "-q")
+    proc = yaml_cmd(second, out, "-q", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     name = "model.layers.0.self_attn.q_proj.weight"
     expected = (load_state(a)[name] + load_state(c)[name]) / 2
     torch.testing.assert_close(load_state(out)[name], expected)
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["models"][1]["model"] == c
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags", [["--cuda"], ["--device", "cuda:1"], ["--cuda", "--dry-run"]])
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, llama_models, flags):
+    from hostile import tree_digest
+
+    a, b = (str(m) for m in llama_models[:2])
+    recipe = write_recipe(tmp_path / "recipe.yml", linear_recipe(a, b))
+    out = tmp_path / "out"
+    before = tree_digest(tmp_path)
+    proc = yaml_cmd(recipe, out, "--no-copy-tokenizer", *flags)  # progress bars on
+    assert proc.returncode == 2, proc.stderr
+    flag = " ".join(flags[:2]) if flags[0] == "--device" else "--cuda"
+    assert proc.stderr == (f"error: {flag}: no CUDA device is available; run without "
+                           f"{flags[0]}\n")
+    assert proc.stdout == ""
+    assert tree_digest(tmp_path) == before
 
 
 def test_help_lists_options():
@@ -400,6 +421,23 @@ def test_help_lists_options():
     for option in ("--out-shard-size", "--dry-run", "--no-copy-tokenizer",
                    "--no-write-model-card", "--allow-crimes", "--verbose"):
         assert option in proc.stdout, option
+
+
+@pytest.mark.parametrize("command", ["yaml_cmd", "methods_cmd", "verify_cmd", "legacy_cmd",
+                                     "bakllama_cmd", "layershuffle_cmd"])
+def test_help_reads_well_at_80_columns(command):
+    """Descriptions wrap beside the flags in lines of whole words: no table squeezing them
+    into a narrow column, no flag cut short."""
+    proc = run_cli(f"mergekit.cli.{command}", "--help", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    assert not set("│╭╰…") & set(proc.stdout), proc.stdout
+    text = " ".join(proc.stdout.split())  # the words in order, line breaks aside
+    assert "-h, --help Show this message and exit." in text
+    if command not in ("methods_cmd", "verify_cmd"):
+        assert "--write-model-card / --no-write-model-card Write a README.md model card." in text
+        assert ("--trust-remote-code Accepted for compatibility; no effect: the merge never "
+                "runs model code.") in text
 
 
 def test_missing_arguments_is_a_usage_error():

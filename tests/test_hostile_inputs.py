@@ -175,7 +175,7 @@ def test_no_command_takes_a_token_on_the_command_line():
         proc = run_cli(f"mergekit.cli.{module}", "--help", env={"COLUMNS": "200"})
         assert proc.returncode == 0
         assert "--token" not in proc.stdout and "--hf-token" not in proc.stdout
-        assert "--trust-remote-code" not in proc.stdout or "off by default" in proc.stdout
+        assert "--trust-remote-code" not in proc.stdout or "no effect" in proc.stdout
 
 
 @pytest.mark.parametrize("name,target", [("tokenizer.json", None),

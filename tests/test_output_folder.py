@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_cli, write_recipe
 from hostile import tree_digest
 from stopped_merges import (
@@ -185,7 +186,8 @@ def test_an_empty_folder_and_an_earlier_output_are_replaced(tmp_path, earlier, l
     empty = tmp_path / "empty"
     empty.mkdir()
     merge_in_process(linear_recipe(llama_models), empty)
-    merge_in_process(linear_recipe(llama_models[1:]), earlier, out_shard_size=SHARD)
+    merge_in_process(linear_recipe(llama_models[1:]), earlier, out_shard_size=SHARD,
+                     overwrite=True)
     for out in (empty, earlier):
         # the manifest and exactly the files it lists: no lock, no journal
         assert {p.name for p in out.iterdir()} == listed(out)
@@ -194,11 +196,45 @@ def test_an_empty_folder_and_an_earlier_output_are_replaced(tmp_path, earlier, l
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "merged"]
 
 
+@pytest.mark.parametrize(("models", "flags", "problem"), [
+    ((1, 2), [], "holds the output of a different recipe"),
+    ((0, 1), ["--out-shard-size", SHARD],
+     "holds the output of this recipe made with a different --out-shard-size"),
+])
+def test_an_output_of_another_recipe_is_replaced_only_with_overwrite(
+        tmp_path, earlier, llama_models, models, flags, problem):
+    # a rerun of the same recipe (its file written otherwise) replaces the output as before
+    same = linear_recipe(llama_models)
+    same = write_recipe(tmp_path / "same.yml", {"models": same["models"],
+                                                "merge_method": "linear"})
+    shards = {n: identity(earlier / n) for n in shard_names(earlier)}
+    proc = run_cli("mergekit.cli.yaml_cmd", same, earlier, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert {n: identity(earlier / n) for n in shard_names(earlier)} != shards  # written anew
+    same.unlink()
+
+    recipe = write_recipe(tmp_path / "r.yml", linear_recipe([llama_models[i] for i in models]))
+    before = tree_digest(tmp_path)
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, earlier, "-q", *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert last_line(proc.stderr) == (f"error: {earlier}: {problem}; pass --overwrite to "
+                                      "replace it, or choose another output folder")
+    assert tree_digest(tmp_path) == before
+    assert not partial(earlier).exists()
+
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, earlier, "-q", *flags, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((earlier / MANIFEST).read_text())["recipe"] == yaml.safe_load(
+        recipe.read_text())
+    assert {p.name for p in earlier.iterdir()} == listed(earlier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "r.yml"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_files_added_to_out_during_the_merge_are_never_deleted(tmp_path, earlier,
                                                                 llama_models):
     recipe = write_recipe(tmp_path / "r.yml", linear_recipe(llama_models[1:]))
-    proc = start(recipe, earlier, "before-move")
+    proc = start(recipe, earlier, "before-move", "--overwrite")
     wait_stopped(proc)
     (earlier / "notes.txt").write_text("written while the merge ran")
     before = tree_digest(tmp_path, skip=[partial(earlier)])
@@ -214,7 +250,8 @@ def test_files_added_to_out_during_the_merge_are_never_deleted(tmp_path, earlier
     kept = {n: identity(partial(earlier) / n) for n in shard_names(partial(earlier))}
     assert len(kept) == 3
     os.rename(earlier / "notes.txt", tmp_path / "notes.txt")
-    merge_in_process(linear_recipe(llama_models[1:]), earlier, out_shard_size=SHARD)
+    merge_in_process(linear_recipe(llama_models[1:]), earlier, out_shard_size=SHARD,
+                     overwrite=True)
     assert {n: identity(earlier / n) for n in kept} == kept
     assert {p.name for p in earlier.iterdir()} == listed(earlier)
 

@@ -416,6 +416,33 @@ def test_format_plan(plan_for, llama_models: list[Path]):
     assert sum(1 for line in lines if line.strip()) == n_tensors + 1
 
 
+def test_format_plan_shows_the_recipe_parameters_and_the_fingerprint_gets_every_field(
+        plan_for, llama_models: list[Path]):
+    """--dry-run shows the resolved recipe parameters (defaults included), not what the
+    engine sets itself (a prepare pass's fields, the per-tensor seed), and the shard only
+    when there are several; ``full`` (the resume fingerprint) keeps all of them."""
+    a, b, c = (str(m) for m in llama_models)
+    recipe = {"merge_method": "dare_ties", "base_model": a, "models": [
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.7}}]}
+    plan = plan_for(recipe, random_seed=3)
+    line = next(line for line in format_plan(plan).splitlines() if line.startswith(EMBED))
+    assert line == (f"{EMBED} [64, 16] F32 dare_ties [{b}:{EMBED}, {c}:{EMBED}] "
+                    f"base={a}:{EMBED} weight=[0.5,0.5] density=[0.5,0.7] normalize=False "
+                    "rescale=True rescale_mode=l1 lambda=1 int8_mask=False consensus=sum")
+    full = next(line for line in format_plan(plan, full=True).splitlines()
+                if line.startswith(EMBED))
+    assert " shard=1 dare_ties " in full and " seed=" in full and "l1_scale=None" in full
+    assert f"seed={job(plan, EMBED).params['seed']}" in full
+
+    sharded = plan_for(recipe, shard_bytes=20_000, random_seed=3)
+    assert len(sharded.shard_files) == 3
+    lines = format_plan(sharded).splitlines()
+    assert f"{EMBED} [64, 16] F32 shard=1 dare_ties " in lines[0]
+    assert any(" shard=3 dare_ties " in line for line in lines)
+    assert not any(" seed=" in line or "=None" in line for line in lines)
+
+
 def test_global_parameter_set_for_one_model_is_ignored_with_a_warning(llama_models):
     from mergekit.config import parse_config
     from mergekit.io.model import open_model

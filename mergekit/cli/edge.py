@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import NoReturn, TypeVar
 
 import typer
 
+from mergekit.cli import interrupts
 from mergekit.errors import MergeError
 from mergekit.printable import printable
 
@@ -26,6 +26,15 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def command_app() -> typer.Typer:
+    """A typer app for one command. Help is click's plain layout: rich's option table
+    squeezed each description into a third of an 80-column terminal; plain text wraps them
+    beside the flags, or below a flag too long to share the line."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
@@ -36,48 +45,42 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.propagate = False
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so the merge stops as cleanly as on Ctrl-C."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def guarded(fn: Callable[[], T], verbose: bool) -> T:
     """Run ``fn``; a MergeError becomes ``error: ...`` on stderr and its exit code, and
-    Ctrl-C or SIGTERM exit 130 or 143. Notes on the exception (how to resume) follow the
-    error line."""
+    Ctrl-C or SIGTERM exit 130 or 143 (``interrupts``). Notes on the exception (how to
+    resume) follow the error line."""
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        previous = None
-    try:
-        return fn()
+        # the handlers change back before the report: a signal then does not cut it short
+        with interrupts.raising():
+            return fn()
     except MergeError as exc:
         if verbose:
             _traceback(exc)
         _report(str(exc), exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
-        what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
-        if getattr(exc, "__notes__", None):
-            _report(f"{what}; nothing was written to the output folder", exc)
-        else:
-            _report(f"{what}; nothing was written to the output folder; rerun the same "
-                    "command to start again", exc)
-        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        _interrupted(exc, exc)
     except BrokenPipeError:  # the reader went away (`mergekit-methods | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
     except Exception as exc:  # noqa: BLE001 - the edge reports every failure
+        if (stop := interrupts.signal_cause(exc)) is not None:
+            _interrupted(stop, exc)
         if verbose:
             _traceback(exc)
         _report(f"{type(exc).__name__}: {exc}; run again with -v for the traceback", exc)
         raise typer.Exit(1) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(stop: KeyboardInterrupt, exc: BaseException) -> NoReturn:
+    """Report the interruption by ``stop`` (``exc``: what reached the edge, with the notes
+    that say how to resume)."""
+    what = f"{interrupts.stopped(stop)}; {interrupts.NOTHING_WRITTEN}"
+    # Python 3.12+ notes where it was raised ("Error calling __set_name__ ..."): not ours
+    notes = [n for n in getattr(exc, "__notes__", ()) if not str(n).startswith("Error calling")]
+    exc.__notes__ = notes
+    _report(what if notes else f"{what}; {interrupts.START_AGAIN}", exc)
+    raise typer.Exit(interrupts.exit_code(stop)) from None
 
 
 def run_app(app: Callable[[], object]) -> NoReturn:

@@ -6,11 +6,10 @@ from typing import Annotated
 
 import typer
 
-from mergekit.cli.edge import run_app
+from mergekit.cli.edge import command_app, run_app
 from mergekit.cli.merge_command import merge_command, run_recipe
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = command_app()
 
 
 @app.command()
@@ -19,10 +18,10 @@ def mergekit_layershuffle(
     out_path: Annotated[Path | None, typer.Argument(metavar="OUT",
                         help="Output model folder.")] = None,
     model: Annotated[list[str] | None, typer.Option(
-        "--model", help="A model to draw layers from (repeat).")] = None,
+        "--model", metavar="MODEL", help="A model to draw layers from (repeat).")] = None,
     weight: Annotated[list[float] | None, typer.Option(
-        "--weight", help="Relative chance of each --model, in order (one per --model).")
-                      ] = None,
+        "--weight", metavar="W",
+        help="Relative chance of each --model, in order (one per --model).")] = None,
     print_yaml: Annotated[bool, typer.Option(
         "--print-yaml", help="Print the recipe and exit without merging.")] = False,
     write_yaml: Annotated[Path | None, typer.Option(

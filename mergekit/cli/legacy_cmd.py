@@ -6,11 +6,10 @@ from typing import Annotated
 
 import typer
 
-from mergekit.cli.edge import run_app
+from mergekit.cli.edge import command_app, run_app
 from mergekit.cli.merge_command import merge_command, run_recipe
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = command_app()
 
 
 @app.command()
@@ -18,16 +17,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 def mergekit_legacy(
     out_path: Annotated[Path | None, typer.Argument(metavar="OUT",
                         help="Output model folder.")] = None,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="The base model.")
-                          ] = None,
+    base_model: Annotated[str | None, typer.Option(
+        "--base-model", metavar="MODEL", help="The base model.")] = None,
     merge: Annotated[list[str] | None, typer.Option(
-        "--merge", help="A model to merge (repeat for several).")] = None,
+        "--merge", metavar="MODEL", help="A model to merge (repeat for several).")] = None,
     weight: Annotated[list[float] | None, typer.Option(
-        "--weight", help="Weight: once for all --merge models, or once per --merge, in "
-        "order. For slerp, the single t.")] = None,
+        "--weight", metavar="W", help="Weight: once for all --merge models, or once per "
+        "--merge, in order. For slerp, the single t.")] = None,
     density: Annotated[list[float] | None, typer.Option(
-        "--density", help="Density: once for all, or once per --merge.")] = None,
-    method: Annotated[str, typer.Option("--method", help="Merge method (see "
+        "--density", metavar="D", help="Density: once for all, or once per --merge.")] = None,
+    method: Annotated[str, typer.Option("--method", metavar="NAME", help="Merge method (see "
                                         "mergekit-methods).")] = "ties",
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize",
                          help="Divide by the sum of the weights.")] = True,

@@ -31,6 +31,7 @@ MERGE_FLAGS: list[tuple[str, Any, Any]] = [
     ("allow_nonfinite", f.AllowNonfinite, False),
     ("hash_inputs", f.HashInputs, False),
     ("resume", f.Resume, True),
+    ("overwrite", f.Overwrite, False),
 ]
 
 

@@ -8,7 +8,8 @@ import typer
 
 Cuda = Annotated[bool, typer.Option("--cuda", help="Do the math on the GPU.")]
 Device = Annotated[
-    str | None, typer.Option("--device", help="Torch device for the math, e.g. cuda:1.")
+    str | None, typer.Option("--device", metavar="DEVICE",
+                             help="Torch device for the math, e.g. cuda:1.")
 ]
 OutShardSize = Annotated[
     str, typer.Option("--out-shard-size", metavar="SIZE",
@@ -25,14 +26,16 @@ LazyUnpickle = Annotated[
     bool, typer.Option("--lazy-unpickle", help="Accepted for compatibility (always on).")
 ]
 RandomSeed = Annotated[
-    int | None, typer.Option("--random-seed", help="Seed for methods that draw at random.")
+    int | None, typer.Option("--random-seed", metavar="N",
+                             help="Seed for methods that draw at random.")
 ]
 CloneTensors = Annotated[
     bool, typer.Option("--clone-tensors", help="Accepted for compatibility (no effect).")
 ]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code",
-                       help="Allow custom model code where a tool needs it (off by default).")
+                       help="Accepted for compatibility; no effect: the merge never runs "
+                       "model code.")
 ]
 TransformersCache = Annotated[
     str | None, typer.Option("--transformers-cache", metavar="DIR",
@@ -63,4 +66,8 @@ AllowNonfinite = Annotated[
 Resume = Annotated[
     bool, typer.Option("--resume/--no-resume", help="Keep the shards an interrupted run of the "
                        "same merge finished (default), or start over.")
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier output in OUT that a different "
+                       "recipe or options made (a rerun of the same one replaces it anyway).")
 ]

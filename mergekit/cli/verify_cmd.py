@@ -6,10 +6,9 @@ from typing import Annotated
 
 import typer
 
-from mergekit.cli.edge import guarded, run_app
+from mergekit.cli.edge import command_app, guarded, run_app
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = command_app()
 
 
 @app.command()

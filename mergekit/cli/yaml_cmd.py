@@ -5,11 +5,10 @@ from typing import Annotated
 
 import typer
 
-from mergekit.cli.edge import run_app
+from mergekit.cli.edge import command_app, run_app
 from mergekit.cli.merge_command import merge_command, run_recipe
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = command_app()
 
 
 @app.command()

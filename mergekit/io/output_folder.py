@@ -4,7 +4,8 @@ second run, then move it into place.
 
 An existing OUT is replaced only when it is provably a complete output of this tool: its
 ``mergekit_manifest.json`` lists everything it holds. Only what that manifest lists is
-ever deleted."""
+ever deleted. An output of a different recipe (or options that change the result) is
+replaced only when asked (``overwrite``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from mergekit.errors import merge_failure, usage_error
 from mergekit.io.manifest import MANIFEST
@@ -35,9 +37,11 @@ JOURNAL = "mergekit_journal.jsonl"
 _SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
-def check_output(out: Path, input_folders: Iterable[Path]) -> None:
+def check_output(out: Path, input_folders: Iterable[Path],
+                 made_by: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
     """Refuse an OUT that is an input, the current folder or one above it, or an existing
-    folder that is not a complete earlier output of mergekit."""
+    folder that is not a complete earlier output of mergekit, or (unless ``overwrite``)
+    one made by other ``made_by`` records (the manifest's ``recipe`` and ``options``)."""
     target = out.resolve()
     with contextlib.suppress(OSError):  # the current folder may be gone
         here = Path.cwd().resolve()
@@ -54,6 +58,32 @@ def check_output(out: Path, input_folders: Iterable[Path]) -> None:
         raise usage_error(str(out), "exists and is not a folder", "choose another output path")
     if out.is_dir() and (problem := _not_replaceable(out)):
         raise usage_error(str(out), problem, "choose another output folder")
+    if out.is_dir() and not overwrite and (problem := _made_otherwise(out, made_by)):
+        raise usage_error(str(out), problem, OVERWRITE_FIX)
+
+
+OVERWRITE_FIX = "pass --overwrite to replace it, or choose another output folder"
+
+
+def _made_otherwise(out: Path, made_by: Mapping[str, Any] | None) -> str | None:
+    """How the complete earlier output in ``out`` was made otherwise than ``made_by`` says
+    (its ``recipe`` and ``options`` records, as the manifest holds them); None when it is
+    empty or made the same way, so that a rerun replaces it as before."""
+    if made_by is None or not any(out.iterdir()):
+        return None
+    try:
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = {}
+    now = json.loads(json.dumps(made_by))  # tuples as lists, as they were written
+    if not isinstance(data, dict) or data.get("recipe") != now["recipe"]:
+        return "holds the output of a different recipe"
+    then = data["options"] if isinstance(data.get("options"), dict) else {}
+    changed = sorted(k for k in {*then, *now["options"]} if then.get(k) != now["options"].get(k))
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        return f"holds the output of this recipe made with a different {flags}"
+    return None
 
 
 def _not_replaceable(out: Path) -> str | None:
@@ -216,14 +246,19 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Replace OUT (absent, empty, or a complete earlier output, checked again: files may
-    have appeared in it during the merge) with the finished folder, less its lock and
-    journal. Of the old OUT only what its manifest lists is deleted."""
+def move_into_place(tmp: Path, out: Path, made_by: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> None:
+    """Replace OUT (absent, empty, or a complete earlier output, checked again as
+    ``check_output`` did: files or another merge's output may have appeared in it during the
+    merge) with the finished folder, less its lock and journal. Of the old OUT only what its
+    manifest lists is deleted."""
     out = out.resolve()
     if out.is_dir() and (problem := _not_replaceable(out)):
         raise merge_failure(str(out), f"changed during the merge: it {problem}",
                             "move those files away and rerun the same command")
+    if out.is_dir() and not overwrite and (problem := _made_otherwise(out, made_by)):
+        raise merge_failure(str(out), f"changed during the merge: it {problem}",
+                            OVERWRITE_FIX)
     tag = uuid.uuid4().hex[:8]
     done = out.parent / f".{out.name}.done-{tag}"
     old = out.parent / f".{out.name}.old-{tag}"

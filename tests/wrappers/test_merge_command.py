@@ -17,7 +17,7 @@ MERGE_FLAGS = ["--cuda", "--device", "--out-shard-size", "--copy-tokenizer",
                "--clone-tensors", "--trust-remote-code", "--transformers-cache",
                "--write-model-card", "--no-write-model-card", "--verbose", "--quiet",
                "--dry-run", "--no-resume", "--strict-finite", "--allow-nonfinite",
-               "--hash-inputs"]
+               "--hash-inputs", "--overwrite"]
 WIDE = {"COLUMNS": "200"}  # rich would cut long option names on a narrow terminal
 
 
