@@ -83,7 +83,7 @@ def start_console_script(recipe: Path, out: Path) -> subprocess.Popen:
             f"os.write({ready_w}, b'.'); os.close({ready_w})\n"
             "from mergekit.cli.yaml_cmd import main\n"
             "sys.exit(main())\n")
-    env = {**os.environ, "MERGEKIT_TEST_STOP_AT": "before-move"}  # never finishes by itself
+    env = {**os.environ, "MERGEKIT_FAILPOINT": "before-move"}  # never finishes by itself
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(recipe), str(out), "-q", "--no-copy-tokenizer"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
