@@ -547,3 +547,13 @@ def test_hostile_recipe(tmp_path, llama_models, name):
     assert proc.stderr == f"error: {recipe}{error}\n"
     assert tree_digest(tmp_path) == before
     assert_nothing_partial(out)
+
+
+def test_no_tokenizer_warning_comes_before_the_merge(tmp_path, llama_models):
+    """A missing tokenizer is said up front, not after the progress bar."""
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(m), "parameters": {"weight": 0.5}} for m in llama_models[:2]]})
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    warning = proc.stderr.index(f"no tokenizer files found in {llama_models[0]}")
+    assert "merging" in proc.stderr and warning < proc.stderr.index("merging"), proc.stderr
