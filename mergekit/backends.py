@@ -67,6 +67,7 @@ class NumpyBackend:
     name = "numpy"
     # numpy's passes read the inputs again instead of keeping them: its merges stay small
     prepare_cache_bytes = 0
+    chunk_scale = 1  # row chunks of CHUNK_ELEMENTS (execute.py)
 
     def __init__(self, narrower: Executor | None = None) -> None:
         self._narrower = narrower
@@ -122,6 +123,9 @@ class TorchBackend:
     name = "torch"
     # a tensor's inputs are kept between a prepare pass and the merge when they fit
     prepare_cache_bytes = 256 * 1024**2
+    # row chunks of 4 x CHUNK_ELEMENTS: torch's per-chunk costs (op dispatch, DARE's
+    # draws by 64K-element block) are larger than numpy's (benchmarks/README.md)
+    chunk_scale = 4
 
     def __init__(self, device: torch.device, threads: int | None) -> None:
         self.transfer = Transfer(device)

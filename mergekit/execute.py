@@ -16,8 +16,9 @@ from mergekit.methods.registry import Method, MethodParams, PositionalParams
 from mergekit.plan import TensorJob
 
 # Row chunks of about this many elements (1 MB as float32) bound the memory of elementwise
-# methods on large tensors, keep their buffers reusable, and keep a chunk's passes in a
-# 2 MB L2 cache (``docs/design.md``). The one chunk-size setting, for every backend.
+# methods on large tensors, keep their buffers reusable, and keep numpy's passes over a
+# chunk in a 2 MB L2 cache. The one chunk-size setting: a backend's chunks are
+# ``chunk_scale`` times this (``backends.py``).
 CHUNK_ELEMENTS = 1 << 18
 
 Chunk = tuple[list[Any], Any, int]  # float32 inputs, base (or None), first element's index
@@ -41,7 +42,7 @@ def execute_job(
         yield backend.empty(job.shape, job.dtype)
         return
     params = job_params(job, method)
-    chunks = row_chunks(job, method, params, sources)
+    chunks = row_chunks(job, method, params, sources, CHUNK_ELEMENTS * backend.chunk_scale)
     if method.copies_input(params):  # the result is the input's bits: no float32 round trip
         yield from _copy(job, sources, backend, check, chunks)
         return
@@ -157,17 +158,18 @@ def _f32_bytes(job: TensorJob) -> int:
 
 def row_chunks(
     job: TensorJob, method: Method, params: object, sources: Mapping[str, ModelSource],
+    chunk_elements: int,
 ) -> list[tuple[int, int] | None]:
     """[None] for one whole-tensor call, else row ranges covering the first dimension, of
-    about ``CHUNK_ELEMENTS`` elements."""
+    about ``chunk_elements`` elements."""
     numel = math.prod(job.shape)
     # 1-D tensors stay whole: row-wise methods (della) treat them as one row
-    if numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or not method.runs_elementwise(params):
+    if numel <= chunk_elements or len(job.shape) < 2 or not method.runs_elementwise(params):
         return [None]
     refs = ([job.base] if job.base else []) + list(job.inputs)
     if any(sources[r.model].info(r.name).shape != job.shape for r in refs):
         return [None]  # inputs to crop or pad: do it on whole tensors
-    step = max(1, CHUNK_ELEMENTS // max(1, numel // job.shape[0]))
+    step = max(1, chunk_elements // max(1, numel // job.shape[0]))
     return [(i, min(i + step, job.shape[0])) for i in range(0, job.shape[0], step)]
 
 

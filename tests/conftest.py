@@ -155,10 +155,12 @@ def on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     """small_chunks(n): both backends read elementwise merges' inputs in row chunks of about
     n elements (whole rows), so tiny tensors span several chunks."""
+    import mergekit.backends as backends
     import mergekit.execute as execute
 
     def set_size(elements: int) -> None:
         monkeypatch.setattr(execute, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(backends.TorchBackend, "chunk_scale", 1)
 
     return set_size
 

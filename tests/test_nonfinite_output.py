@@ -142,6 +142,7 @@ def chunked(request, monkeypatch) -> dict[str, int]:
         monkeypatch.setattr(backends, "Transfer", Overlapping)
     counts: dict[str, int] = {}
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(backends.TorchBackend, "chunk_scale", 1)  # the same chunks on both
     real = execute_module.row_chunks
 
     def spy(job, *args):
