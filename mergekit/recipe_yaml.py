@@ -167,6 +167,9 @@ def load_yaml(text: str, source: str) -> Any:
         else:
             problem = getattr(exc, "problem", None) or str(exc)
         problem = " ".join(problem.split())  # one line
+        if "maximum nesting depth" in problem:  # libyaml's own limit, met first in flow style
+            raise usage_error(where, "malformed YAML (nested too deeply)",
+                              "flatten the recipe") from None
         raise usage_error(where, f"malformed YAML ({problem})", "fix the syntax") from None
     except RecursionError:
         raise usage_error(source, "malformed YAML (nested too deeply)",

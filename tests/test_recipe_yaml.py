@@ -160,6 +160,9 @@ def test_alias_inside_its_own_value(loader: type):
         "itself")
 
 
+LIBYAML_DEPTH = 1000  # libyaml 0.2.5's limit on flow nesting
+
+
 # -- nesting and characters -------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, where", [
@@ -172,8 +175,12 @@ def test_deep_nesting_is_refused_where_it_passes_the_limit(loader: type, text: s
     # libyaml's composer overflows the C stack on this, and its scanner takes time
     # quadratic in flow nesting: the parse stops at the limit
     started = time.perf_counter()
-    assert load_error(text + "\n") == (f"r.yml:{where}: malformed YAML (nested too deeply); "
-                                        "flatten the recipe")
+    message = load_error(text + "\n")
+    tail = ": malformed YAML (nested too deeply); flatten the recipe"
+    # libyaml 0.2.5's scanner reads flow nesting ahead and stops at its own limit (1000)
+    assert message == f"r.yml:{where}{tail}" or (
+        loader is not PyLoader and text.startswith("merge_method: [")
+        and message == f"r.yml:1:{15 + LIBYAML_DEPTH - 1}{tail}"), message
     assert time.perf_counter() - started < 10
 
 
