@@ -119,13 +119,13 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
             )
         spec = method.param(name)
         for cond in setting:
-            problem = (_type_error(method, spec, cond.value)
+            problem = (_type_error(spec, cond.value)
                        or _bounds_error(method, spec, cond.value))
             if problem:
                 raise ValueError(f"{where}.{yaml_key(name)}: {problem}")
 
 
-def _type_error(method: Method, spec: ParamSpec, value: object) -> str | None:
+def _type_error(spec: ParamSpec, value: object) -> str | None:
     """Why ``value`` does not fit the parameter's type, or None. Nothing is coerced: a
     quoted '0.5' or a true where a number belongs is a mistake the recipe should show."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
