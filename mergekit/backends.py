@@ -97,6 +97,16 @@ class NumpyBackend:
 
         return np.empty(shape, numpy_dtype(code))
 
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        """float32 zeros, where the math is done."""
+        import numpy as np
+
+        return np.zeros(shape, np.float32)
+
+    def take(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (a numpy index array) of ``x``."""
+        return x[rows]
+
     def stored_finite(self, stored: np.ndarray, code: str) -> bool:
         return stored_finite(stored, code)
 
@@ -156,6 +166,16 @@ class TorchBackend:
         import torch
 
         return torch.empty(shape, dtype=torch_dtype(code))
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32, device=self.transfer.device)
+
+    def take(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        import torch
+
+        return x[torch.from_numpy(rows).to(x.device)]
 
     def stored_finite(self, stored: torch.Tensor, code: str) -> bool:
         return math.isfinite(_sum(stored).item()) or all_finite(stored.float())
@@ -235,10 +255,11 @@ def numpy_can_run(job: TensorJob, method: Method, params: Callable[[], Any],
                   sources: Mapping[str, ModelSource]) -> bool:
     """Whether the numpy backend can run the job: a method that takes arrays with the job's
     ``params()``, and inputs and output it reads and writes."""
-    refs = job.inputs + ((job.base,) if job.base else ())
+    refs = [(r.model, r.name) for r in job.inputs + ((job.base,) if job.base else ())]
+    refs += job.row_names  # the rows of other models a vocabulary permutation reads
     return (job.dtype in NUMPY_CODES and method.takes_arrays(params())
-            and all(sources[r.model].is_safetensors(r.name)
-                    and sources[r.model].info(r.name).dtype in NUMPY_CODES for r in refs))
+            and all(sources[m].is_safetensors(n) and sources[m].info(n).dtype in NUMPY_CODES
+                    for m, n in refs))
 
 
 def import_torch() -> ModuleType:

@@ -43,12 +43,19 @@ def execute_job(
         return
     params = job_params(job, method)
     chunks = row_chunks(job, method, params, sources, CHUNK_ELEMENTS * backend.chunk_scale)
-    if method.copies_input(params):  # the result is the input's bits: no float32 round trip
+    gather = RowGather(job, sources, backend) if job.rows is not None else None
+    # the result is the input's bits: no float32 round trip
+    if method.copies_input(params) and gather is None:
         yield from _copy(job, sources, backend, check, chunks)
         return
 
     def inputs(rows: tuple[int, int] | None) -> Chunk:
         def load(model: str, name: str) -> Any:
+            if gather is not None:  # rows permuted into the output vocabulary
+                t = gather.rows(model, rows or (0, job.shape[0]))
+                if check is not None and not method.keeps_nonfinite:
+                    check(model, name, rows, t)
+                return t
             t = backend.read(sources[model], name, rows)
             if check is not None and not method.keeps_nonfinite:
                 check(model, name, rows, t)
@@ -167,7 +174,8 @@ def row_chunks(
     if numel <= chunk_elements or len(job.shape) < 2 or not method.runs_elementwise(params):
         return [None]
     refs = ([job.base] if job.base else []) + list(job.inputs)
-    if any(sources[r.model].info(r.name).shape != job.shape for r in refs):
+    if job.rows is None and any(sources[r.model].info(r.name).shape != job.shape
+                                for r in refs):
         return [None]  # inputs to crop or pad: do it on whole tensors
     step = max(1, chunk_elements // max(1, numel // job.shape[0]))
     return [(i, min(i + step, job.shape[0])) for i in range(0, job.shape[0], step)]
@@ -188,3 +196,81 @@ def _fit(x: Any, shape: tuple[int, ...], base: Any) -> Any:
     out = base.copy() if isinstance(base, np.ndarray) else base.clone()
     out[tuple(slice(0, d) for d in crop.shape)] = crop
     return out
+
+
+class RowGather:
+    """A job's input rows permuted into the output vocabulary (``vocab_plan.py``): runs of
+    a model's own consecutive rows are read as one range, substitutes are other rows
+    averaged (or zeros), padding rows the model's mean over its rows for the output's
+    tokens, read once per job."""
+
+    def __init__(self, job: TensorJob, sources: Mapping[str, ModelSource],
+                 backend: Backend) -> None:
+        import numpy as np
+
+        assert job.rows is not None
+        self.job, self.sources, self.backend = job, sources, backend
+        self.names = dict(job.row_names)
+        self.own = {m: np.asarray(r.own, dtype=np.int64) for m, r in job.rows.maps.items()}
+        self.subs = {m: np.asarray(sorted(r.subs), dtype=np.int64)
+                     for m, r in job.rows.maps.items()}
+        self._means: dict[str, Any] = {}
+
+    def _read(self, model: str, start: int, end: int) -> Any:
+        return self.backend.read(self.sources[model], self.names[model], (start, end))
+
+    def rows(self, model: str, rows: tuple[int, int]) -> Any:
+        import numpy as np
+
+        from mergekit.vocab_plan import MEAN
+
+        a, b = rows
+        width = tuple(self.job.shape[1:])
+        out = self.backend.zeros((b - a, *width))
+        own = self.own[model][a:b]
+        ok = np.flatnonzero(own >= 0)
+        if ok.size:
+            # a new run starts wherever the next output row is not the next input row
+            breaks = np.flatnonzero((np.diff(ok) != 1) | (np.diff(own[ok]) != 1)) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [ok.size]))
+            lo, hi = int(own[ok].min()), int(own[ok].max()) + 1
+            if starts.size > 8 and hi - lo <= 4 * (b - a):  # scattered: one read, then pick
+                block = self._read(model, lo, hi)
+                out[ok] = self.backend.take(block, own[ok] - lo)
+            else:
+                for s, e in zip(starts.tolist(), ends.tolist()):
+                    first = int(own[ok[s]])
+                    out[int(ok[s]):int(ok[s]) + e - s] = self._read(model, first, first + e - s)
+        keys = self.subs[model]
+        subs = self.job.rows.maps[model].subs
+        for i in keys[np.searchsorted(keys, a):np.searchsorted(keys, b)].tolist():
+            sub = subs[i]
+            if sub == MEAN:
+                out[i - a] = self._mean(model)
+            elif sub:
+                total = None
+                for m, r in sub:
+                    row = self._read(m, r, r + 1)[0]
+                    total = row if total is None else total + row
+                out[i - a] = total / len(sub)
+        return out
+
+    def _mean(self, model: str) -> Any:
+        """The mean of the model's rows that the output's tokens use, in float32."""
+        import numpy as np
+
+        if model not in self._means:
+            used = np.unique(self.own[model][self.own[model] >= 0])
+            total, n = None, int(used.size)
+            step = max(1, CHUNK_ELEMENTS // max(1, math.prod(self.job.shape[1:])))
+            for start in range(0, int(used.max()) + 1 if n else 0, step):
+                pick = used[(used >= start) & (used < start + step)]
+                if pick.size:
+                    block = self.backend.take(self._read(model, start, int(pick.max()) + 1),
+                                              pick - start)
+                    part = block.sum(0)
+                    total = part if total is None else total + part
+            self._means[model] = (total / max(n, 1) if total is not None
+                                  else self.backend.zeros(tuple(self.job.shape[1:])))
+        return self._means[model]

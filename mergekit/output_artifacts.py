@@ -17,6 +17,7 @@ from mergekit.io import artifacts
 from mergekit.io.card import model_card
 from mergekit.io.dtypes import ST_DTYPES
 from mergekit.io.model import ModelSource
+from mergekit.io.vocab import union_tokenizer
 from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlan
@@ -35,10 +36,13 @@ def resolve_output_artifacts(
     """The output's files besides the weights, resolved and checked."""
     generation = sources[plan.config_model].side_file(artifacts.GENERATION_CONFIG)
     tokenizer = None
+    tokenizer_texts: dict[str, str] = {}
     if options.copy_tokenizer:
         folder = _tokenizer_folder(config, plan, sources, options)
         tokenizer = artifacts.tokenizer_files(folder)
-        if not tokenizer and config.tokenizer_source is not None:
+        if plan.vocab is not None and plan.vocab.new_tokens:
+            tokenizer_texts = union_tokenizer(folder, plan.vocab.new_tokens)
+        if not tokenizer and config.vocabulary_source is not None:
             raise usage_error("tokenizer_source", f"{folder} holds no tokenizer files",
                               "name a model that has a tokenizer (tokenizer.json, "
                               "tokenizer_config.json, ...)")
@@ -50,6 +54,7 @@ def resolve_output_artifacts(
         recipe_yaml=recipe_yaml,
         generation_config=generation,
         tokenizer=tokenizer,
+        tokenizer_texts=tokenizer_texts,
         chat_template=config.chat_template,
         input_folders=[s.folder for s in sources.values()],
         card=_card(config, recipe_yaml, out.name) if options.write_model_card else None,
@@ -87,13 +92,29 @@ def _tokenizer_folder(
     options: MergeOptions,
 ) -> Path:
     """The folder whose tokenizer the output copies (fetched from the hub if need be)."""
-    choice = config.tokenizer_source
-    if choice is None:
+    if plan.vocab is not None:
+        return plan.vocab.tokenizer_folder
+    choice = config.vocabulary_source
+    if choice is None or choice == "union":  # a union of one vocabulary is that vocabulary
         return sources[plan.config_model].folder
+    external = external_tokenizer_folder(config, sources, options)
+    if external is not None:
+        return external
     ref: ModelReference = config.base_model if choice == "base" else parse_model_reference(
         choice)  # type: ignore[assignment]
+    return sources[str(ref)].folder
+
+
+def external_tokenizer_folder(config: MergeConfiguration, sources: Mapping[str, ModelSource],
+                              options: MergeOptions) -> Path | None:
+    """The folder of a tokenizer source that is not a model of the recipe (fetched from
+    the hub if need be), or None."""
+    choice = config.vocabulary_source
+    if choice in (None, "base", "union"):
+        return None
+    ref = parse_model_reference(choice)
     if str(ref) in sources:
-        return sources[str(ref)].folder
+        return None
     if ref.is_local:
         return Path(ref.path)
     from mergekit.io import hub

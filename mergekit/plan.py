@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mergekit.architecture import (
@@ -22,6 +23,7 @@ from mergekit.methods.registry import Method, get_method
 from mergekit.parameters import ModelLevels, method_params, misplaced_globals, unusual_values
 from mergekit.printable import printable
 from mergekit.refs import parse_model_reference
+from mergekit.vocab_plan import VocabPlan, plan_vocabulary
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class TensorJob:
     shard: int  # index into MergePlan.shard_files
     layer: int | None  # output layer index, None outside the layers
     compute: bool = True  # False: a non-float tensor, copied from the base or first input
+    # embedding and head rows permuted into the output vocabulary (``vocab_plan.py``), and
+    # every model's tensor for it, by model key
+    rows: VocabPlan | None = None
+    row_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +64,7 @@ class MergePlan:
     layer_origins: tuple[tuple[str, int], ...]  # per output layer: (model, source layer)
     read_bytes: int
     warnings: tuple[str, ...] = field(default=())
+    vocab: VocabPlan | None = None
 
     @property
     def write_bytes(self) -> int:
@@ -89,8 +96,11 @@ class _Planner:
         shard_bytes: int,
         allow_crimes: bool,
         random_seed: int | None = None,
+        tokenizer_folder: Path | None = None,
     ) -> None:
         self.cfg = config
+        self.tokenizer_folder = tokenizer_folder
+        self.vocab: VocabPlan | None = None
         self.random_seed = random_seed
         self.sources = sources
         self.shard_bytes = shard_bytes
@@ -196,7 +206,16 @@ class _Planner:
         for src in ([base_src] if base_src else []) + inputs:
             infos[src.model] = self.sources[src.model].info(names[src.model])
         ref = infos[base_src.model] if base_src else infos[inputs[0].model]
-        shape = self._shape(out_name, infos, ref, layer is None)
+        vocab = self.vocab if layer is None and self._vocab_tensor(out_name) else None
+        row_names: tuple[tuple[str, str], ...] = ()
+        if vocab is not None:
+            shape = (vocab.size, *ref.shape[1:])
+            widths = {k: i.shape[1:] for k, i in infos.items()}
+            if len(set(widths.values())) > 1:
+                shape = self._shape(out_name, infos, ref, False)  # raises: widths differ
+            row_names = tuple((m, self._model_tensor(m, out_name)) for m in vocab.maps)
+        else:
+            shape = self._shape(out_name, infos, ref, layer is None)
         compute = ref.dtype in FLOAT_CODES
         dtype = self.out_dtype if (compute and self.out_dtype) else ref.dtype
         return dict(
@@ -209,7 +228,42 @@ class _Planner:
             dtype=dtype,
             layer=layer,
             compute=compute,
+            rows=vocab if compute else None,
+            row_names=row_names if compute else (),
         )
+
+    def _vocab_tensor(self, name: str) -> bool:
+        """Whether the output tensor ``name`` has a row per token (embedding or head)."""
+        return is_head_name(name) or name == self.embed_name
+
+    def _model_tensor(self, model: str, name: str) -> str:
+        """The tensor of ``model`` for the output's embedding or head ``name``."""
+        found = self._input_name(_Source(model, 0, 0, None, model), name)
+        if found is None and not is_head_name(name):
+            found = embedding_name(self.sources[model].names)
+        if found is None:
+            raise usage_error(f"model {model}", f"has no tensor for {name}",
+                              "merge models of one architecture")
+        return found
+
+    def _plan_vocabulary(self, config_model: str) -> VocabPlan | None:
+        models = [str(r) for r in self.cfg.referenced_models()]
+        rows = {}
+        for m in models:
+            embed = embedding_name(self.sources[m].names)
+            if embed is None:
+                return None  # not a language model: no rows per token
+            rows[m] = self.sources[m].info(embed).shape[0]
+        source = self.cfg.vocabulary_source
+        folders = {m: self.sources[m].folder for m in models}
+        if source not in (None, "union", "base"):
+            source = str(parse_model_reference(source))
+        external = self.tokenizer_folder if source not in (None, "union", "base") and \
+            source not in folders else None
+        return plan_vocabulary(
+            source=source, block=self.cfg.tokenizer, models=models,
+            base=str(self.cfg.base_model) if self.cfg.base_model else None,
+            config_model=config_model, folders=folders, rows=rows, source_folder=external)
 
     def _shape(
         self, name: str, infos: dict[str, TensorInfo], ref: TensorInfo, outside_layers: bool
@@ -249,6 +303,10 @@ class _Planner:
             str(self.cfg.base_model) if self.cfg.base_model else slices[0].sources[0].model
         )
         out_layout = self.layouts[config_model]
+        self.embed_name = embedding_name(self.sources[config_model].names)
+        self.vocab = self._plan_vocabulary(config_model)
+        if self.vocab is not None:
+            self.warnings.extend(self.vocab.warnings)
         raw: list[dict[str, Any]] = []
         first, last = slices[0], slices[-1]
 
@@ -294,7 +352,8 @@ class _Planner:
                     seen.add((ref.model, ref.name))
                     read_bytes += self.sources[ref.model].info(ref.name).nbytes
         return MergePlan(self.method.name, tuple(jobs), shard_files, len(origins),
-                         config_model, tuple(origins), read_bytes, tuple(self.warnings))
+                         config_model, tuple(origins), read_bytes, tuple(self.warnings),
+                         self.vocab)
 
     def _assign_shards(
         self, raw: list[dict[str, Any]]
@@ -321,8 +380,12 @@ def build_plan(
     shard_bytes: int = 5 * 1000**3,
     allow_crimes: bool = False,
     random_seed: int | None = None,
+    tokenizer_folder: Path | None = None,
 ) -> MergePlan:
-    return _Planner(config, sources, shard_bytes, allow_crimes, random_seed).build()
+    """``tokenizer_folder``: where a ``tokenizer_source`` that is not a model of the recipe
+    was fetched to."""
+    return _Planner(config, sources, shard_bytes, allow_crimes, random_seed,
+                    tokenizer_folder).build()
 
 
 def tensor_seed(random_seed: int | None, tensor: str) -> int:
@@ -352,11 +415,15 @@ def format_plan(plan: MergePlan, full: bool = False) -> str:
                           if full or k in recipe_params[job.method])
         shard = f" shard={job.shard + 1}" if show_shard else ""
         how = job.method if job.compute else "copy"
+        if job.rows is not None:  # rows gathered by token: the map decides the bytes too
+            how += f" rows-by-token={job.rows.digest()}" if full else " rows-by-token"
         lines.append(printable(
             f"{job.output_name} {list(job.shape)} {job.dtype}{shard} {how} "
             f"[{ins}]{base} {params}".rstrip()
         ))
     lines.append("")
+    if plan.vocab is not None:
+        lines.extend(plan.vocab.summary)
     lines.append(
         f"{len(plan.jobs)} tensors, {plan.num_layers} layers, {len(plan.shard_files)} shard(s); "
         f"read {_size(plan.read_bytes)}, write {_size(plan.write_bytes)}"

@@ -6,11 +6,11 @@ Each check raises ValueError whose text starts with the YAML path of the field.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from mergekit.errors import MergeError
 from mergekit.recipe_text import short_repr, yaml_key
-from mergekit.refs import parse_model_reference
+from mergekit.refs import ModelReference, parse_model_reference
 
 if TYPE_CHECKING:
     from mergekit.methods.registry import Method, ParamSpec
@@ -31,22 +31,17 @@ def check_recipe(cfg: RecipeFields) -> None:
         raise ValueError("models: the list is empty")
     if cfg.slices is not None and not cfg.slices:
         raise ValueError("slices: the list is empty")
-    if cfg.tokenizer is not None:
-        raise ValueError(
-            "tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base "
-            "or a model reference"
-        )
-    if cfg.tokenizer_source == "union":
-        raise ValueError(
-            "tokenizer_source: 'union' is not supported yet; use 'base' or a model reference"
-        )
-    if cfg.tokenizer_source not in (None, "base"):
+    if cfg.tokenizer is not None and cfg.tokenizer_source is not None:
+        raise ValueError("tokenizer_source: set it or the tokenizer block's source, not both")
+    if cfg.tokenizer_source not in (None, "base", "union"):
         try:
             parse_model_reference(cfg.tokenizer_source)
         except ValueError as exc:
             raise ValueError(f"tokenizer_source: {exc}") from None
-    if cfg.tokenizer_source == "base" and cfg.base_model is None:
-        raise ValueError("tokenizer_source: 'base' needs a base_model; set one or name a model")
+    if cfg.vocabulary_source == "base" and cfg.base_model is None:
+        where = "tokenizer.source" if cfg.tokenizer is not None else "tokenizer_source"
+        raise ValueError(f"{where}: 'base' needs a base_model; set one or name a model")
+    _check_token_sources(cfg)
 
     check_chat_template(cfg.chat_template)
     _check_params(method, cfg.parameters, "parameters")
@@ -214,3 +209,20 @@ def check_chat_template(value: str | None) -> None:
             f"chat_template: unknown template {short_repr(value)}; use a Jinja template or one of: "
             f"auto, {', '.join(BUILTIN_TEMPLATES)}"
         )
+
+
+def _check_token_sources(cfg: Any) -> None:
+    """Every model a token source names is a model of the recipe."""
+    if cfg.tokenizer is None or not cfg.tokenizer.tokens:
+        return
+    referenced = {str(r) for r in cfg.referenced_models()}
+    source = cfg.tokenizer.source
+    if source not in ("union", "base") and str(parse_model_reference(source)) not in referenced:
+        raise ValueError(f"tokenizer.source: {source} is not a model of the recipe; "
+                         "name one of its models, 'base' or 'union'")
+    for token, spec in cfg.tokenizer.tokens.items():
+        model = spec.source if isinstance(spec.source, ModelReference) else getattr(
+            spec.source, "model", None)  # None: a row of zeros
+        if model is not None and str(model) not in referenced:
+            raise ValueError(f"tokenizer.tokens.{yaml_key(token)}.source: {model} is not a "
+                             "model of the recipe; name one of its models")

@@ -159,6 +159,79 @@ class OutputSliceDefinition(_Recipe):
         return self
 
 
+class ModelTokenSource(_Recipe):
+    """A given row of a given model: ``{kind: model_token, model, token | token_id}``."""
+
+    kind: Literal["model_token"]
+    model: ModelRef = Field(description="a model of the recipe")
+    token: str | None = Field(None, description="the token's text in that model's tokenizer")
+    token_id: StrictInt | None = Field(None, description="or the row number in that model")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token or token_id")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id: {self.token_id} is negative; give a row number")
+        return self
+
+
+class ZeroSource(_Recipe):
+    """A row of zeros: ``{kind: zero}``."""
+
+    kind: Literal["zero"]
+
+
+class TokenSource(_Recipe):
+    """Where a token's row comes from, for the models that lack it (or every model, with
+    ``force``)."""
+
+    source: ModelRef | ModelTokenSource | ZeroSource = Field(
+        description="a model (its row for the token), {kind: model_token, model, token | "
+        "token_id} or {kind: zero}")
+    force: bool = Field(False, description="use this row for every model, not only those "
+                        "that lack the token")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _which(cls, raw: Any) -> Any:
+        # a mapping is read as the kind it names, so that errors name its fields
+        if isinstance(raw, dict) and raw.get("kind") == "zero":
+            return ZeroSource.model_validate(raw)
+        if isinstance(raw, dict) and raw.get("kind") != "model_token":
+            raise ValueError(f"kind: {short_repr(raw.get('kind'))} is neither model_token nor "
+                             "zero; give {kind: model_token, model, token} or {kind: zero}")
+        if isinstance(raw, dict):
+            return ModelTokenSource.model_validate(raw)
+        if isinstance(raw, str):
+            return parse_model_reference(raw)
+        raise ValueError("give a model, {kind: model_token, model, token} or {kind: zero}")
+
+
+class TokenizerBlock(_Recipe):
+    """The ``tokenizer:`` block: the output's vocabulary and where each row comes from."""
+
+    source: str = Field("union", description="'union', 'base' or a model reference")
+    tokens: dict[str, TokenSource] | None = Field(
+        None, description="token text -> {source, force}")
+    pad_to_multiple_of: StrictInt | None = Field(
+        None, description="pad the vocabulary to a multiple of this many rows")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v not in ("union", "base"):
+            parse_model_reference(v)
+        return v
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"{v} is not a positive number of rows; give e.g. 64")
+        return v
+
+
 class RecipeFields(_Recipe):
     """The recipe's top-level fields, checked only field by field; ``MergeConfiguration``
     adds the checks that need the method registry."""
@@ -178,12 +251,21 @@ class RecipeFields(_Recipe):
     dtype: DType | None = Field(None, description="output dtype unless out_dtype is set")
     out_dtype: DType | None = Field(None, description="dtype of the saved tensors")
     tokenizer_source: str | None = Field(
-        None, description="'base' or a model reference: whose tokenizer to copy"
+        None, description="'union', 'base' or a model reference: the output's vocabulary "
+        "(short for tokenizer: {source: ...})"
     )
-    tokenizer: dict[str, Any] | None = Field(None, description="not supported yet")
+    tokenizer: TokenizerBlock | None = Field(
+        None, description="the output's vocabulary: source, tokens, pad_to_multiple_of")
     chat_template: str | None = Field(
         None, description="a built-in template name or a literal Jinja template"
     )
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """'union', 'base', a model reference, or None (neither field is set)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     @property
     def output_dtype(self) -> str | None:

@@ -73,6 +73,7 @@ def recipe_reference() -> str:
         InputSliceDefinition,
         OutputSliceDefinition,
     )
+    from mergekit.recipe_fields import ModelTokenSource, TokenizerBlock, TokenSource
 
     parts = [recipe_top_level("top level")]
     for title, model in (
@@ -80,6 +81,9 @@ def recipe_reference() -> str:
         ("`slices[*]`", OutputSliceDefinition),
         ("`slices[*].sources[*]`", InputSliceDefinition),
         ("`{filter, value}` entries of a parameter", Conditional),
+        ("`tokenizer`", TokenizerBlock),
+        ("`tokenizer.tokens.<token>`", TokenSource),
+        ("`{kind: model_token}` source of a token", ModelTokenSource),
     ):
         parts.append(_fields_table(title, model))
     return "\n\n".join(parts)

@@ -29,7 +29,7 @@ from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
 from mergekit.methods.registry import get_method
 from mergekit.options import MergeOptions
-from mergekit.output_artifacts import resolve_output_artifacts
+from mergekit.output_artifacts import external_tokenizer_folder, resolve_output_artifacts
 from mergekit.plan import MergePlan, TensorJob, build_plan, format_plan
 from mergekit.provenance import made_by, output_provenance, shards_provenance
 
@@ -59,9 +59,13 @@ def run_merge(
             for ref in config.referenced_models()
         }
         plan = build_plan(config, sources, options.out_shard_size, options.allow_crimes,
-                          options.random_seed)
+                          options.random_seed,
+                          external_tokenizer_folder(config, sources, options))
         for warning in plan.warnings:
             log.warning(warning)
+        if plan.vocab is not None and not options.dry_run and not options.quiet:
+            for line in plan.vocab.summary[:2]:
+                log.info(line.strip())
         made = made_by(config, plan, options)
         if not options.dry_run:
             output_folder.check_output(

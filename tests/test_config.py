@@ -390,14 +390,31 @@ def test_errors_from_a_file_name_the_file(tmp_path: Path):
 
 # -- features not supported yet, closed sets ----------------------------------------------------
 
-def test_tokenizer_source_union_is_not_supported_yet():
-    msg = parse_error(linear_models(tokenizer_source="union"))
-    assert "tokenizer_source:" in msg and "not supported yet" in msg
+def test_tokenizer_source_union_and_the_tokenizer_block():
+    assert parse_config(linear_models(tokenizer_source="union")).vocabulary_source == "union"
+    cfg = parse_config(linear_models(tokenizer={"pad_to_multiple_of": 8}))
+    assert cfg.vocabulary_source == "union" and cfg.tokenizer.pad_to_multiple_of == 8
 
 
-def test_tokenizer_block_is_not_supported_yet():
-    msg = parse_error(linear_models(tokenizer={"source": "union"}))
-    assert "tokenizer:" in msg and "not supported yet" in msg
+@pytest.mark.parametrize(("extra", "where", "what"), [
+    ({"tokenizer_source": "union", "tokenizer": {"source": "union"}}, "tokenizer_source:",
+     "not both"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, "tokenizer.pad_to_multiple_of:",
+     "positive"),
+    ({"tokenizer": {"source": "base"}}, "tokenizer.source:", "needs a base_model"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "zeros"}}}}},
+     "tokenizer.tokens.<x>.source.kind:", "neither model_token nor zero"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token",
+                                                   "model": "org/model-a"}}}}},
+     "tokenizer.tokens.<x>.source:", "exactly one of token or token_id"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": "org/other"}}}},
+     "tokenizer.tokens.<x>.source:", "not a model of the recipe"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": 3}}}}, "tokenizer.tokens.<x>.source:",
+     "give a model"),
+])
+def test_tokenizer_block_errors(extra, where, what):
+    msg = parse_error(linear_models(**extra))
+    assert where in msg and what in msg, msg
 
 
 def test_tokenizer_source_base_needs_a_base_model():

@@ -42,9 +42,10 @@ def build_tokenizer(kind: str, extra_words: Sequence[str] = (),
         tok.decoder = decoders.Metaspace()
         unk = "<unk>"
     elif kind == "wordpiece":
-        vocab = {t: i for i, t in enumerate(["[UNK]", "[CLS]", "[SEP]", "[PAD]"] + list(
+        entries = dict.fromkeys(["[UNK]", "[CLS]", "[SEP]", "[PAD]"] + list(
             "abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-            + words)}
+            + words)  # "a" is a letter and a word: one id
+        vocab = {t: i for i, t in enumerate(entries)}
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()

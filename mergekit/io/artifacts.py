@@ -98,16 +98,21 @@ def resolve_artifacts(
     recipe_yaml: str,
     generation_config: Path | None = None,
     tokenizer: Mapping[str, Path] | None = None,
+    tokenizer_texts: Mapping[str, str] | None = None,
     chat_template: str | None = None,
     input_folders: Sequence[Path] = (),
     card: str | None = None,
 ) -> Artifacts:
     """Everything the output holds besides the weights. ``tokenizer``: the files to copy;
+    ``tokenizer_texts``: tokenizer files written rather than copied (a union's);
     ``chat_template``: the recipe's value, written into the tokenizer config (``auto``
     takes the most common template among ``input_folders``). Raises a usage error naming
     the file when an input file is unreadable or malformed."""
     texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
     copies = dict(tokenizer or {})
+    for name, text in (tokenizer_texts or {}).items():  # written instead of copied
+        copies.pop(name, None)
+        texts[name] = text
     if generation_config is not None:
         copies[GENERATION_CONFIG] = generation_config
     if chat_template is not None:
@@ -115,7 +120,8 @@ def resolve_artifacts(
             chat_template)
         if text is not None:
             source = copies.pop(TOKENIZER_CONFIG, None)
-            tok_config = read_json_object(source) if source is not None else {}
+            tok_config = read_json_object(source) if source is not None else (
+                json.loads(texts[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in texts else {})
             tok_config["chat_template"] = text
             texts[TOKENIZER_CONFIG] = json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
             texts[CHAT_TEMPLATE] = text

@@ -103,7 +103,8 @@ def union_tokenizer(
 ) -> dict[str, str]:
     """The tokenizer files of ``folder`` with ``new_tokens`` added: (text, id, the entry
     of an added token in the model it comes from, or None for a plain vocabulary token,
-    which becomes an added token that is not special). Returns file name -> text, for the
+    which joins the vocabulary; a Unigram's, whose ids are its list's positions, becomes an
+    added token that is not special). Returns file name -> text, for the
     files that change: ``tokenizer.json`` and ``tokenizer_config.json``."""
     path = side_file(folder, TOKENIZER_JSON)
     if path is None:
@@ -116,7 +117,22 @@ def union_tokenizer(
     decoder = tok_config.get("added_tokens_decoder")
     if not isinstance(decoder, dict):
         decoder = None
+    model = data.get("model") if isinstance(data, dict) else None
+    plain_vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(plain_vocab, dict):
+        # the tokenizers library numbers an added token that is not in the vocabulary
+        # after the vocabulary's size, whatever id the file gives it: in the vocabulary
+        # too, every added token keeps its id however many tokens join it
+        for entry in entries:
+            plain_vocab.setdefault(entry["content"], entry["id"])
     for text, i, entry in new_tokens:
+        if isinstance(plain_vocab, dict):
+            plain_vocab[text] = i
+        if entry is None and isinstance(plain_vocab, dict):
+            # a plain token joins the vocabulary only, without merges: it keeps its row and
+            # decodes, and encoding the base's text does not change (as an added token it
+            # would be split out of every text holding it, even inside other added tokens)
+            continue
         new = {"id": i, "content": text, "single_word": False, "lstrip": False,
                "rstrip": False, "normalized": False, "special": False}
         if entry is not None:
