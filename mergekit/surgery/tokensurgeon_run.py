@@ -53,6 +53,13 @@ def tokensurgeon(model_dir: Path, donor_dir: Path, out: Path, method: str = "omp
         donor = open_model(ModelReference(str(donor_dir)), reader, None)
         embed = _matrix_name(model, embedding_name(model.names), "input embedding")
         heads = [n for n in model.names if is_head_name(n) and len(model.info(n).shape) == 2]
+        for head in heads:
+            _matrix_name(model, head, "output head")
+            if model.info(head).shape[0] != model.info(embed).shape[0]:
+                raise usage_error(f"model '{model.ref}'", f"{head} has "
+                                  f"{model.info(head).shape[0]} rows and {embed} "
+                                  f"{model.info(embed).shape[0]}",
+                                  "token surgery needs one row per token in both")
         recipe = {"tokensurgeon": {"model": str(model_dir), "donor": str(donor_dir),
                                    "approximation_method": method, "k": k}}
         made = {"recipe": recipe, "options": {}}
