@@ -241,3 +241,30 @@ def test_bad_input_exits_2_with_one_line(models, tmp_path, which, args, named):
         assert str(model) in lines[0]
     assert tree_digest(tmp_path, skip=[out]) == digest
     assert_nothing_partial(out)
+
+
+def test_bfloat16_rows_and_a_rerun_with_other_options(models, tmp_path):
+    """A bfloat16 model: shared rows keep their bits, mean rows are the float64 mean rounded
+    once to bfloat16. OUT made with another method is replaced only with overwrite."""
+    import shutil
+
+    from mergekit.errors import MergeError
+
+    model, out = tmp_path / "bf16", tmp_path / "out"
+    shutil.copytree(models["plain"], model)
+    state = {n: t.to(torch.bfloat16) for n, t in weights(model).items()}
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    tokensurgeon(model, models["donor"], out, "mean", quiet=True)
+    model_ids, donor_ids, after = vocab(model), vocab(models["donor"]), weights(out)
+    shared = [model_ids[t] for t in donor_ids if t in model_ids]
+    for name in (EMBED, HEAD):
+        assert after[name].dtype == torch.bfloat16
+        expected = state[name].double()[shared].mean(0).float().to(torch.bfloat16)
+        for text, i in donor_ids.items():
+            want = state[name][model_ids[text]] if text in model_ids else expected
+            assert same_bits(after[name][i], want), (name, text)
+    with pytest.raises(MergeError, match="--overwrite") as refused:
+        tokensurgeon(model, models["donor"], out, "zero", quiet=True)
+    assert refused.value.exit_code == 2
+    tokensurgeon(model, models["donor"], out, "zero", overwrite=True, quiet=True)
+    assert not weights(out)[EMBED][donor_ids["<tool>"]].any()

@@ -73,21 +73,25 @@ def tokensurgeon(model_dir: Path, donor_dir: Path, out: Path, method: str = "omp
         plan = plan_rows(method, k, model_vocab, donor_vocab, model.info(embed).shape[0],
                          donor_matrix, (model_dir / TOKENIZER_JSON, donor_dir / TOKENIZER_JSON),
                          None if quiet else _bar)
+        donor_tokenizer = artifacts.tokenizer_files(donor_dir)
         files = artifacts.resolve_artifacts(
             config=_config(model.config, donor.config, plan.size),
             recipe_yaml=_recipe_yaml(recipe),
             generation_config=model.side_file(artifacts.GENERATION_CONFIG),
-            tokenizer=artifacts.tokenizer_files(donor_dir))
+            tokenizer=donor_tokenizer)
         tmp = output_folder.make_temp(out, OUTPUT_NAMES)
         lock = output_folder.lock(tmp, out)
         try:
             shards = _write_weights(model, {embed, *heads}, plan, tmp, quiet)
             artifacts.write_artifacts(tmp, files)
-            read = {str(model_dir): set(model.weight_map.values()),
-                    str(donor_dir): {TOKENIZER_JSON}}
+            donor_read = set(donor_tokenizer)
+            if method == "omp":
+                donor_read.add(donor.weight_map[embedding_name(donor.names) or ""])
+            read = {str(model_dir): {*model.weight_map.values(), TOKENIZER_JSON},
+                    str(donor_dir): donor_read}
             sources = {str(model_dir): model, str(donor_dir): donor}
             with output_folder.writing(tmp / MANIFEST):
-                write_manifest(tmp, {**manifest(__version__, recipe, {}, sources, read, shards)},
+                write_manifest(tmp, manifest(__version__, recipe, {}, sources, read, shards),
                                skip={output_folder.LOCK, output_folder.JOURNAL})
             output_folder.move_into_place(tmp, out, made, overwrite)
             lock.release(None)
