@@ -268,3 +268,33 @@ def test_bfloat16_rows_and_a_rerun_with_other_options(models, tmp_path):
     assert refused.value.exit_code == 2
     tokensurgeon(model, models["donor"], out, "zero", overwrite=True, quiet=True)
     assert not weights(out)[EMBED][donor_ids["<tool>"]].any()
+
+
+def test_sharded_model_keeps_its_shards(models, tmp_path):
+    """A model in two weight files: two output shards with an index, the same tensors in
+    each, and the output verifies against its manifest."""
+    import shutil
+
+    from mergekit.io.verify import verify
+
+    model, out = tmp_path / "sharded", tmp_path / "out"
+    shutil.copytree(models["superset"], model)
+    state = weights(model)
+    (model / "model.safetensors").unlink()
+    names = sorted(state)
+    files = {"first.safetensors": names[: len(names) // 2],
+             "second.safetensors": names[len(names) // 2:]}
+    for file, part in files.items():
+        save_file({n: state[n] for n in part}, model / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: f for f, part in files.items() for n in part}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    tokensurgeon(model, models["donor"], out, quiet=True)
+    shard_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    renamed = dict(zip(files, ["model-00001-of-00002.safetensors",
+                               "model-00002-of-00002.safetensors"]))
+    assert shard_map == {n: renamed[f] for n, f in index["weight_map"].items()}
+    after = {n: t for f in renamed.values() for n, t in load_file(out / f).items()}
+    for name in set(state) - {EMBED, HEAD}:
+        assert same_bits(after[name], state[name]), name
+    assert after[EMBED].shape[0] == max(vocab(models["donor"]).values()) + 1
+    assert verify(out).problems == []
