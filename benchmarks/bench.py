@@ -71,13 +71,42 @@ def write_shard(path: Path, tensors: list[tuple[str, object]]) -> None:
             f.write(t.contiguous().view(__import__("torch").uint8).numpy().tobytes())
 
 
-def build_model(folder: Path, seed: int, size: str) -> None:
-    """A Llama-shaped bf16 model of random weights, sharded, with an index."""
+def write_tokenizer(folder: Path, vocab: int, added: list[str]) -> None:
+    """A byte-level BPE ``tokenizer.json`` of ``vocab`` plain tokens (no merges: only the
+    vocabulary matters to a merge) and ``added`` special tokens after them."""
+    tokens = {f"t{i}": i for i in range(vocab)}
+    data = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": vocab + k, "content": t, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True} for k, t in enumerate(added)],
+        "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                                              "trim_offsets": True, "use_regex": True},
+        "post_processor": None, "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "vocab": tokens, "merges": []},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+# added tokens of the vocabulary benchmark's models (32000, 32002 and 32005 rows)
+VOCAB_ADDED = {"a": [], "b_vocab": ["<|im_start|>", "<|im_end|>"],
+               "c_vocab": ["<tool_call>", "</tool_call>", "<|im_end|>", "<think>", "</think>"]}
+
+
+def build_model(folder: Path, seed: int, size: str, added: list[str] | None = None) -> None:
+    """A Llama-shaped bf16 model of random weights, sharded, with an index, and a
+    tokenizer whose ``added`` tokens get rows of their own."""
     import torch
 
     hidden, inter, layers, vocab, shard_bytes = SIZES[size]
+    added = added or []
     if (folder / "model.safetensors.index.json").is_file():
+        if not (folder / "tokenizer.json").is_file():
+            write_tokenizer(folder, vocab, added)
         return
+    base_vocab, vocab = vocab, vocab + len(added)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,14 +138,27 @@ def build_model(folder: Path, seed: int, size: str) -> None:
         "torch_dtype": "bfloat16", "hidden_act": "silu",
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(tmp, base_vocab, added)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
 def recipes(models: list[Path], layers: int) -> dict[str, dict]:
-    a, b, c = (str(m) for m in models)
+    a, b, c = (str(m) for m in models[:3])
+    bv, cv = (str(m) for m in models[3:]) if len(models) > 3 else (b, c)
     half = max(1, layers // 2)
     return {
+        # the same 3-model union merge, of one vocabulary and of three (32000/32002/32005)
+        "vocab_same": {"merge_method": "linear", "dtype": "bfloat16",
+                       "tokenizer_source": "union", "base_model": a, "models": [
+                           {"model": a, "parameters": {"weight": 0.4}},
+                           {"model": b, "parameters": {"weight": 0.3}},
+                           {"model": c, "parameters": {"weight": 0.3}}]},
+        "vocab_union": {"merge_method": "linear", "dtype": "bfloat16",
+                        "tokenizer_source": "union", "base_model": a, "models": [
+                            {"model": a, "parameters": {"weight": 0.4}},
+                            {"model": bv, "parameters": {"weight": 0.3}},
+                            {"model": cv, "parameters": {"weight": 0.3}}]},
         "linear": {"merge_method": "linear", "dtype": "bfloat16", "models": [
             {"model": a, "parameters": {"weight": 0.4}},
             {"model": b, "parameters": {"weight": 0.3}},
@@ -326,6 +368,10 @@ def main() -> int:
     models = [args.cache / size / name for name in ("a", "b", "c")]
     for seed, m in enumerate(models):
         build_model(m, seed, size)
+    if any(m.startswith("vocab") for m in args.methods.split(",")):
+        for seed, name in ((3, "b_vocab"), (4, "c_vocab")):
+            models.append(args.cache / size / name)
+            build_model(models[-1], seed, size, VOCAB_ADDED[name])
     layers = SIZES[size][2]
     tools = [("ours", args.tool)] + ([("other", args.compare_with)] if args.compare_with else [])
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -298,3 +298,18 @@ def test_sharded_model_keeps_its_shards(models, tmp_path):
         assert same_bits(after[name], state[name]), name
     assert after[EMBED].shape[0] == max(vocab(models["donor"]).values()) + 1
     assert verify(out).problems == []
+
+
+def test_the_established_tool_s_short_flags(models, tmp_path):
+    """-a and -k, as mergekit 0.1.x spells them: -a mean gives the mean rows."""
+    model, donor, out = models["plain"], models["donor"], tmp_path / "out"
+    proc = run_cli("mergekit.cli.tokensurgeon_cmd", model, donor, out, "-a", "mean", "-k", "3",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    model_ids, donor_ids = vocab(model), vocab(donor)
+    before, after = weights(model), weights(out)
+    shared = [model_ids[t] for t in donor_ids if t in model_ids]
+    missing = [i for t, i in donor_ids.items() if t not in model_ids]
+    expected = before[EMBED].double()[shared].mean(0)
+    assert missing and all(torch.allclose(after[EMBED][i].double(), expected, atol=1e-6)
+                           for i in missing)

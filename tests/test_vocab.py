@@ -122,10 +122,33 @@ def test_union_of_chat_and_tool_fine_tunes(tmp_path, chat_models):
     tok = AutoTokenizer.from_pretrained(out)
     for token in IM + TOOL:
         assert tok(token, add_special_tokens=False)["input_ids"] == [ids[token]]
+    # the flags come along: special tokens are skipped when decoding, others are not
+    assert tok.decode([ids["<|im_start|>"], ids["<tool_call>"]],
+                      skip_special_tokens=True) == "<tool_call>"
     model = AutoModelForCausalLM.from_pretrained(out)
     prompt = tok("<|im_start|>hello <tool_call>world</tool_call><|im_end|>",
                  return_tensors="pt")
     assert torch.isfinite(model(**prompt).logits).all()
+
+
+def test_union_with_a_chat_template(tmp_path, chat_models):
+    """chat_template keeps working with a union: the template and the new tokens are both
+    in tokenizer_config.json, and the rendered prompt encodes its markers as single ids."""
+    from transformers import AutoTokenizer
+
+    m = chat_models
+    out = tmp_path / "out"
+    merge_in_process(linear([m["base"], m["chat"]], m["base"], tokenizer_source="union",
+                            chat_template="chatml"), out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in config["chat_template"]
+    decoder = {v["content"]: int(k) for k, v in config["added_tokens_decoder"].items()}
+    ids = vocab(out)
+    assert decoder["<|im_start|>"] == ids["<|im_start|>"]
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    encoded = tok(text, add_special_tokens=False)["input_ids"]
+    assert encoded.count(ids["<|im_start|>"]) == 1 and encoded.count(ids["<|im_end|>"]) == 1
 
 
 def test_a_model_s_tokenizer_as_the_output_s(tmp_path, chat_models):

@@ -19,11 +19,11 @@ def mergekit_tokensurgeon(
                                           help="The model folder whose tokenizer to take.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Output model folder.")],
     approximation_method: Annotated[str, typer.Option(
-        "--approximation-method", metavar="METHOD",
+        "--approximation-method", "-a", metavar="METHOD",
         help="How to make rows for the donor's tokens that MODEL lacks: omp (sparse "
         "combination of shared tokens fitted on the donor's embeddings), mean, zero or "
         "subword (mean of MODEL's pieces of the token's text).")] = "omp",
-    k: Annotated[int, typer.Option("--k", metavar="K",
+    k: Annotated[int, typer.Option("--k", "-k", metavar="K",
                                    help="Shared tokens per omp approximation.")] = 64,
     trust_remote_code: f.TrustRemoteCode = False,
     overwrite: f.Overwrite = False,

@@ -115,6 +115,10 @@ def union_tokenizer(
     config_path = side_file(folder, TOKENIZER_CONFIG)
     tok_config = read_json(config_path) if config_path else {}
     decoder = tok_config.get("added_tokens_decoder")
+    if not isinstance(decoder, dict) and config_path is not None:
+        # transformers writes every added token there; the base had none until now
+        decoder = {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in entries}
+        tok_config["added_tokens_decoder"] = decoder
     if not isinstance(decoder, dict):
         decoder = None
     model = data.get("model") if isinstance(data, dict) else None
