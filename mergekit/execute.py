@@ -211,7 +211,7 @@ class RowGather:
         assert job.rows is not None
         self.job, self.sources, self.backend = job, sources, backend
         self.names = dict(job.row_names)
-        self.own = {m: np.asarray(r.own, dtype=np.int64) for m, r in job.rows.maps.items()}
+        self.own = {m: r.own for m, r in job.rows.maps.items()}
         self.subs = {m: np.asarray(sorted(r.subs), dtype=np.int64)
                      for m, r in job.rows.maps.items()}
         self._means: dict[str, Any] = {}
@@ -226,8 +226,13 @@ class RowGather:
 
         a, b = rows
         width = tuple(self.job.shape[1:])
-        out = self.backend.zeros((b - a, *width))
         own = self.own[model][a:b]
+        keys = self.subs[model]
+        lo_key, hi_key = np.searchsorted(keys, a), np.searchsorted(keys, b)
+        if lo_key == hi_key and own[0] >= 0 and np.array_equal(
+                own, np.arange(own[0], own[0] + b - a)):  # one run, as most chunks are
+            return self._read(model, int(own[0]), int(own[0]) + b - a)
+        out = self.backend.zeros((b - a, *width))
         ok = np.flatnonzero(own >= 0)
         if ok.size:
             # a new run starts wherever the next output row is not the next input row
@@ -242,9 +247,8 @@ class RowGather:
                 for s, e in zip(starts.tolist(), ends.tolist()):
                     first = int(own[ok[s]])
                     out[int(ok[s]):int(ok[s]) + e - s] = self._read(model, first, first + e - s)
-        keys = self.subs[model]
         subs = self.job.rows.maps[model].subs
-        for i in keys[np.searchsorted(keys, a):np.searchsorted(keys, b)].tolist():
+        for i in keys[lo_key:hi_key].tolist():
             sub = subs[i]
             if sub == MEAN:
                 out[i - a] = self._mean(model)
