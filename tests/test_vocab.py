@@ -355,3 +355,38 @@ def test_dry_run_prints_the_vocabulary_summary(tmp_path, chat_models):
         if token in union:
             assert f"'{token}'" in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_base_as_the_source_keeps_its_untokened_rows(tmp_path, caplog):
+    """tokenizer_source: base whose embedding has rows past its last token (as Qwen's
+    152064 rows for 151665 tokens): the output keeps every row, the untokened ones the
+    merge of each model's mean over its rows for the output's tokens; a token only the
+    output's tokenizer has is zeros, with a warning."""
+    base = build_vocab_model(tmp_path / "base", 1, special=["<only-base>"], extra_rows=5)
+    other = build_vocab_model(tmp_path / "other", 2, special=IM)
+    out = tmp_path / "out"
+    merge_in_process(linear([base, other], base, tokenizer_source="base"), out)
+    ids = check_rows(out, [base, other], base, [1.0, 2.0])
+    assert ids == vocab(base)
+    rows = len(ids) + 5
+    w = weights(out)["model.embed_tokens.weight"]
+    assert w.shape[0] == rows == json.loads((out / "config.json").read_text())["vocab_size"]
+    means = []
+    for p in (base, other):
+        model = Model(p)
+        used = [model.ids[t] for t in ids if t in model.ids]
+        means.append(model.embed[used].astype(np.float64).mean(axis=0))
+    for i in range(len(ids), rows):
+        np.testing.assert_allclose(w[i], (means[0] + 2 * means[1]) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_no_model_has_warns(tmp_path, caplog, chat_models):
+    import logging
+
+    m = chat_models
+    other = build_vocab_model(tmp_path / "other", 9, special=["<new>"])
+    with caplog.at_level(logging.WARNING, logger="mergekit"):
+        merge_in_process(linear([m["base"], m["chat"]], tokenizer_source=str(other)),
+                         tmp_path / "out")
+    assert any("'<new>': no model has it; its row is zeros" in r.getMessage()
+               for r in caplog.records)
