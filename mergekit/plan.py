@@ -48,6 +48,7 @@ class TensorJob:
     # every model's tensor for it, by model key
     rows: VocabPlan | None = None
     row_names: tuple[tuple[str, str], ...] = ()
+    adapted: tuple[str, ...] = ()  # the models whose input is changed by their LoRA adapter
 
     @property
     def nbytes(self) -> int:
@@ -230,7 +231,12 @@ class _Planner:
             compute=compute,
             rows=vocab if compute else None,
             row_names=row_names if compute else (),
+            adapted=tuple(m for m, n in names.items() if self._adapted(m, n)),
         )
+
+    def _adapted(self, model: str, name: str) -> bool:
+        adapted = getattr(self.sources[model], "adapted", None)  # model+adapter inputs
+        return bool(adapted and adapted(name))
 
     def _vocab_tensor(self, name: str) -> bool:
         """Whether the output tensor ``name`` has a row per token (embedding or head)."""
@@ -409,8 +415,11 @@ def format_plan(plan: MergePlan, full: bool = False) -> str:
     show_shard = full or len(plan.shard_files) > 1
     lines = []
     for job in plan.jobs:
-        ins = ", ".join(f"{r.model}:{r.name}" for r in job.inputs)
-        base = f" base={job.base.model}:{job.base.name}" if job.base else ""
+        def ref(r: TensorRef, job: TensorJob = job) -> str:
+            return f"{r.model}:{r.name}" + (" (lora)" if r.model in job.adapted else "")
+
+        ins = ", ".join(ref(r) for r in job.inputs)
+        base = f" base={ref(job.base)}" if job.base else ""
         params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items()
                           if full or k in recipe_params[job.method])
         shard = f" shard={job.shard + 1}" if show_shard else ""

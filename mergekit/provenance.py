@@ -29,8 +29,9 @@ def output_provenance(
     """The manifest without the shards' sha256: what decides the output's bytes."""
     read: dict[str, set[str]] = {}
     for job in plan.jobs:
-        for ref in job.inputs + ((job.base,) if job.base else ()):
-            read.setdefault(ref.model, set()).add(sources[ref.model].weight_map[ref.name])
+        refs = [(r.model, r.name) for r in job.inputs + ((job.base,) if job.base else ())]
+        for model, name in refs + list(job.row_names):  # row_names: rows gathered by token
+            read.setdefault(model, set()).add(sources[model].weight_map[name])
     made = made_by(config, plan, options)
     record = manifest(__version__, made["recipe"], made["options"], sources, read, {},
                       options.hash_inputs)

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from mergekit.recipe_text import short_repr, yaml_key
-from mergekit.refs import ModelReference, parse_model_reference
+from mergekit.refs import ModelReference, parse_model_reference, reference_from_mapping
 
 Scalar = float | int | bool | str
 Gradient = tuple[float, ...]
@@ -109,6 +109,8 @@ Parameters = dict[str, ParameterSetting]
 def _parse_ref(raw: Any) -> ModelReference:
     if isinstance(raw, ModelReference):
         return raw
+    if isinstance(raw, dict):
+        return reference_from_mapping(raw)
     return parse_model_reference(raw)
 
 

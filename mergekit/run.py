@@ -21,9 +21,10 @@ from mergekit.execute import execute_job, job_params
 from mergekit.failpoints import failpoint
 from mergekit.finite import FiniteCheck
 from mergekit.io import artifacts, output_folder
+from mergekit.io.adapter import open_input
 from mergekit.io.journal import Journal, fingerprint, keep_partial_work
 from mergekit.io.manifest import MANIFEST, write_manifest
-from mergekit.io.model import ModelSource, open_model
+from mergekit.io.model import ModelSource
 from mergekit.io.readahead import Readahead
 from mergekit.io.safetensors_file import SafetensorsReader
 from mergekit.io.writer import ShardEntry, ShardWriter, write_index
@@ -55,7 +56,7 @@ def run_merge(
     reader = SafetensorsReader()
     try:
         sources = {
-            str(ref): open_model(ref, reader, options.transformers_cache)
+            str(ref): open_input(ref, reader, options.transformers_cache)
             for ref in config.referenced_models()
         }
         plan = build_plan(config, sources, options.out_shard_size, options.allow_crimes,

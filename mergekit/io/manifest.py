@@ -29,19 +29,30 @@ def input_record(source: ModelSource, files: set[str], hash_files: bool = False
     - else ``mtime_ns`` and ``sampled_sha256`` (see ``sampled_sha256``), so that a file
       rewritten in place with the same size and time still changes the record, and a
       resumed merge starts over instead of mixing shards of the old file into the output."""
-    record: dict[str, Any] = {"reference": str(source.ref)}
-    snapshot = source.folder
+    record = _files_record(str(source.ref), source.folder, files | {"config.json"},
+                           hash_files)
+    adapter = getattr(source, "adapter", None)  # a model read through a LoRA adapter
+    if adapter is not None:
+        record["adapter"] = _files_record(str(adapter.ref), adapter.folder, set(adapter.files),
+                                          hash_files)
+    return record
+
+
+def _files_record(reference: str, folder: Path, files: set[str], hash_files: bool
+                  ) -> dict[str, Any]:
+    record: dict[str, Any] = {"reference": reference}
+    snapshot = folder
     if snapshot.parent.name == "snapshots":
         record["revision"] = snapshot.name
     entries = {}
     commits = set()
-    for name in sorted(files | {"config.json"}):
-        path = source.folder / name
+    for name in sorted(files):
+        path = folder / name
         if not path.exists():
             continue
         stat = path.stat()
         entry: dict[str, Any] = {"size": stat.st_size}
-        download = local_download(source.folder, name)
+        download = local_download(folder, name)
         if download is not None:
             commits.add(download[0])
         blob = path.resolve().name

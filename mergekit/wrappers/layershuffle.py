@@ -28,7 +28,7 @@ def layershuffle_from_models(models: list[str], weights: list[float], seed: int 
     """Check the flags, read each model's layer count from its headers, draw the recipe."""
     from mergekit.architecture import find_layers
     from mergekit.errors import usage_error
-    from mergekit.io.model import open_model
+    from mergekit.io.adapter import open_input
     from mergekit.io.safetensors_file import SafetensorsReader
     from mergekit.refs import parse_model_reference
 
@@ -55,7 +55,7 @@ def layershuffle_from_models(models: list[str], weights: list[float], seed: int 
                 ref = parse_model_reference(name)
             except ValueError as exc:
                 raise usage_error("--model", str(exc)) from None
-            source = open_model(ref, reader, cache_dir)
+            source = open_input(ref, reader, cache_dir)
             counts[name] = find_layers(source.names, source.config).num_layers
     finally:
         reader.close()

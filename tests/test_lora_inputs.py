@@ -1,0 +1,192 @@
+"""``model+adapter`` inputs: every adapted weight against peft's merge_and_unload() of the
+same adapter (random A and B, not peft's zero B), over the peft fields that change the
+arithmetic; errors before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft  # the test extra installs it
+import pytest
+import torch
+from conftest import build_gpt2, build_llama
+from safetensors.torch import load_file, save_file
+from stopped_merges import merge_in_process
+
+from mergekit import run
+from mergekit.config import parse_config
+from mergekit.refs import ModelReference, parse_model_reference
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, **config: object) -> dict:
+    """A peft LoRA adapter of ``model_dir`` with random factors (and random
+    modules_to_save); returns merge_and_unload()'s state dict."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(out)
+    return {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+
+def merged(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_equal_to_peft(out: dict, expected: dict) -> None:
+    for name, t in out.items():
+        want = expected[name]
+        assert torch.allclose(t, want, rtol=1e-5, atol=1e-6), (
+            name, float((t - want).abs().max()))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("lora") / "base", 1, layers=2)
+
+
+CASES = {
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head",
+                                                        "embed_tokens"],
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+                     modules_to_save=["model.norm"]),
+    "rslora": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["o_proj", "up_proj"]),
+    "regex": dict(r=3, lora_alpha=5, target_modules=r".*layers\.1\.mlp\.(gate|down)_proj"),
+}
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_passthrough_equals_peft_merge_and_unload(tmp_path, llama, monkeypatch, case, engine):
+    monkeypatch.setattr(run, "NUMPY_ENGINE", engine == "numpy")
+    expected = make_adapter(llama, tmp_path / "ad", 7, **CASES[case])
+    out = tmp_path / "out"
+    merge_in_process({"merge_method": "passthrough",
+                      "models": [{"model": f"{llama}+{tmp_path / 'ad'}"}]}, out)
+    result = merged(out)
+    assert result.keys() == expected.keys()
+    assert_equal_to_peft(result, expected)
+    changed = [n for n in result if not torch.equal(result[n], load_file(
+        llama / "model.safetensors")[n])]
+    assert changed  # the adapter did something
+
+
+def test_fan_in_fan_out_gpt2(tmp_path):
+    """GPT-2's Conv1D weights hold (in, out): the product is transposed."""
+    base = build_gpt2(tmp_path / "gpt2", 3, layers=2)
+    expected = make_adapter(base, tmp_path / "ad", 1, r=4, lora_alpha=8,
+                            target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    out = tmp_path / "out"
+    merge_in_process({"merge_method": "passthrough",
+                      "models": [{"model": f"{base}+{tmp_path / 'ad'}"}]}, out)
+    result = merged(out)
+    assert_equal_to_peft({k: v for k, v in result.items() if k in expected}, expected)
+
+
+def test_bin_adapter_and_mapping_form(tmp_path, llama):
+    """adapter_model.bin, and the reference written as {model: {path}, lora: {path}}."""
+    expected = make_adapter(llama, tmp_path / "ad", 2, r=2, lora_alpha=4,
+                            target_modules=["k_proj"])
+    state = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    torch.save(state, tmp_path / "ad" / "adapter_model.bin")
+    (tmp_path / "ad" / "adapter_model.safetensors").unlink()
+    out = tmp_path / "out"
+    merge_in_process({"merge_method": "passthrough", "models": [
+        {"model": {"model": {"path": str(llama)}, "lora": {"path": str(tmp_path / "ad")}}}]},
+        out)
+    assert_equal_to_peft(merged(out), expected)
+
+
+def test_adapted_base_in_a_ties_merge(tmp_path, llama):
+    """An adapted model as the base of ties with a full fine-tune: the same bytes as the
+    same merge of the adapter merged by peft and saved as a folder."""
+    from transformers import AutoModelForCausalLM
+
+    expected = make_adapter(llama, tmp_path / "ad", 3, r=4, lora_alpha=8,
+                            target_modules=["q_proj", "down_proj"])
+    full = tmp_path / "peft_merged"
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    model.load_state_dict(expected)
+    model.save_pretrained(full)
+    tune = build_llama(tmp_path / "tune", 5, layers=2)
+
+    def ties(base: str) -> dict:
+        return {"merge_method": "ties", "base_model": base, "models": [
+            {"model": str(tune), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": base, "parameters": {"weight": 0.4, "density": 0.5}}]}
+
+    merge_in_process(ties(f"{llama}+{tmp_path / 'ad'}"), tmp_path / "a")
+    merge_in_process(ties(str(full)), tmp_path / "b")
+    a, b = merged(tmp_path / "a"), merged(tmp_path / "b")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_dry_run_marks_adapted_tensors(tmp_path, llama):
+    make_adapter(llama, tmp_path / "ad", 4, r=2, lora_alpha=2, target_modules=["v_proj"])
+    recipe = tmp_path / "r.yml"
+    ref = f"{llama}+{tmp_path / 'ad'}"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [
+        {"model": ref, "parameters": {"weight": 1.0}},
+        {"model": str(llama), "parameters": {"weight": 1.0}}]}))
+    proc = subprocess.run([sys.executable, "-m", "mergekit.cli.yaml_cmd", str(recipe),
+                           str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    v = [line for line in lines if "v_proj" in line]
+    q = [line for line in lines if "q_proj" in line]
+    assert v and all(f"{ref}:" in line and "(lora)" in line for line in v)
+    assert q and not any("(lora)" in line for line in q)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"peft_type": "IA3"}, "is a IA3 adapter (peft_type)"),
+    ({"use_dora": True}, "is a DoRA adapter"),
+    ({"r": 5}, "has rank 2, the config says 5"),
+])
+def test_adapters_that_cannot_be_merged(tmp_path, llama, change, message):
+    """Exit 2, one line naming the adapter, before any weight is read."""
+    make_adapter(llama, tmp_path / "ad", 4, r=2, lora_alpha=2, target_modules=["v_proj"])
+    config_path = tmp_path / "ad" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(json.dumps({"merge_method": "passthrough", "models": [
+        {"model": f"{llama}+{tmp_path / 'ad'}"}]}))
+    proc = subprocess.run([sys.executable, "-m", "mergekit.cli.yaml_cmd", str(recipe),
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "adapter '" in lines[0] and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_of_another_model(tmp_path, llama):
+    make_adapter(llama, tmp_path / "ad", 4, r=2, lora_alpha=2, target_modules=["v_proj"])
+    state = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    renamed = {k.replace("layers.1.", "layers.9."): v for k, v in state.items()}
+    save_file(renamed, tmp_path / "ad" / "adapter_model.safetensors")
+    with pytest.raises(Exception, match=r"adapts 'model\.layers\.9\..*which model"):
+        merge_in_process({"merge_method": "passthrough", "models": [
+            {"model": f"{llama}+{tmp_path / 'ad'}"}]}, tmp_path / "out")
+
+
+def test_references():
+    ref = parse_model_reference("org/base@main+someone/adapter@v2")
+    assert ref == ModelReference("org/base", "main", ModelReference("someone/adapter", "v2"))
+    assert str(ref) == "org/base@main+someone/adapter@v2"
+    with pytest.raises(ValueError, match="one adapter per model"):
+        parse_model_reference("org/a+org/b+org/c")
+    cfg = parse_config({"merge_method": "passthrough", "models": [{"model": {
+        "model": {"path": "org/base", "revision": "r1"}, "lora": "org/ad"}}]})
+    assert str(cfg.models[0].model) == "org/base@r1+org/ad"
