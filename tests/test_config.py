@@ -421,15 +421,17 @@ def test_tokenizer_source_base_needs_a_base_model():
     assert "tokenizer_source:" in parse_error(linear_models(tokenizer_source="base"))
 
 
-def test_lora_reference_is_not_supported_yet():
-    recipe = {"merge_method": "linear", "models": [{"model": A}, {"model": f"{B}+org/lora"}]}
-    msg = parse_error(recipe)
-    assert "models[1].model:" in msg and "not supported yet" in msg
+def test_lora_references_in_models_and_sources():
+    cfg = parse_config({"merge_method": "linear", "models": [{"model": A},
+                                                             {"model": f"{B}+org/lora"}]})
+    assert str(cfg.models[1].model) == f"{B}+org/lora"
+    cfg = parse_config(linear_slices([src(f"{A}+org/lora@v1", 0, 2)]))
+    assert cfg.slices[0].sources[0].model.lora.revision == "v1"
 
 
-def test_lora_reference_in_a_source():
-    msg = parse_error(linear_slices([src(f"{A}+org/lora", 0, 2)]))
-    assert "slices[0].sources[0].model:" in msg and "not supported yet" in msg
+def test_a_bad_lora_reference_names_its_field():
+    msg = parse_error(linear_slices([src(f"{A}+not a ref!", 0, 2)]))
+    assert msg.startswith("recipe: slices[0].sources[0].model:") and "not a ref!" in msg
 
 
 def test_unknown_chat_template():
