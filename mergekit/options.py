@@ -51,6 +51,12 @@ class MergeOptions(BaseModel):
                                   "Inf its inputs lack, with a warning, instead of failing")
     overwrite: bool = Field(False, description="replace an earlier output in OUT made by a "
                             "different recipe or options")
+    lora_out: int | None = Field(None, description="write the merge as a LoRA adapter of "
+                                 "the base model, of at most this rank")
+    lora_merge_cache: str | None = Field(None, description="accepted for compatibility; "
+                                         "adapters are applied as weights are read")
+    lora_merge_dtype: str | None = Field(None, description="accepted for compatibility; "
+                                         "adapters are applied in float32")
     resume: bool = Field(True, description="keep the shards an interrupted run of the same "
                          "merge finished (False: start over)")
 

@@ -45,6 +45,8 @@ def made_by(config: MergeConfiguration, plan: MergePlan,
     change the output's bytes. An earlier output with other ones is replaced only with
     --overwrite."""
     result_options: dict[str, object] = {"out_shard_size": options.out_shard_size}
+    if options.lora_out is not None:
+        result_options["lora_out"] = options.lora_out
     if get_method(plan.method).random:
         result_options["random_seed"] = options.random_seed
     return {"recipe": recipe_to_plain(config), "options": result_options}

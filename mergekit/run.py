@@ -17,6 +17,7 @@ from mergekit.backends import (
     torch_backend,
 )
 from mergekit.config import MergeConfiguration
+from mergekit.errors import usage_error
 from mergekit.execute import execute_job, job_params
 from mergekit.failpoints import failpoint
 from mergekit.finite import FiniteCheck
@@ -55,6 +56,8 @@ def run_merge(
         check_device(options.torch_device, options.device)
     reader = SafetensorsReader()
     try:
+        if options.lora_out is not None:
+            _check_lora_out(config, options.lora_out)
         sources = {
             str(ref): open_input(ref, reader, options.transformers_cache)
             for ref in config.referenced_models()
@@ -77,6 +80,12 @@ def run_merge(
         files = resolve_output_artifacts(config, plan, sources, out, options)
         if options.dry_run:
             print(format_plan(plan))
+            if options.lora_out is not None:
+                print(f"written as a LoRA adapter of {config.base_model}, rank at most "
+                      f"{options.lora_out}")
+            return plan
+        if options.lora_out is not None:
+            _write_adapter(config, plan, sources, out, options, made)
             return plan
         provenance = output_provenance(config, plan, sources, options)
         tmp = output_folder.make_temp(out, OUTPUT_NAMES)
@@ -154,6 +163,54 @@ def _write_weights(
         with output_folder.writing(tmp / INDEX):
             write_index(tmp, weight_map, plan.write_bytes)
     return {name: hashes[name] for name in plan.shard_files}
+
+
+def _check_lora_out(config: MergeConfiguration, rank: int) -> None:
+    if rank < 1:
+        raise usage_error("--lora-out", f"{rank} is not a rank", "give a rank of 1 or more")
+    if config.base_model is None or config.base_model.lora is not None:
+        raise usage_error("--lora-out", "the output is an adapter of the recipe's base_model, "
+                          "which must be a plain model", "set base_model to the model the "
+                          "adapter is for")
+
+
+def _write_adapter(config: MergeConfiguration, plan: MergePlan,
+                   sources: Mapping[str, ModelSource], out: Path, options: MergeOptions,
+                   made: dict) -> None:
+    """The merge as a LoRA adapter of the base model (``lora_out.py``), written into a
+    temporary folder and moved into place with its manifest."""
+    from tqdm import tqdm
+
+    from mergekit.lora.adapter_out import FILE_NAMES
+    from mergekit.lora_out import merge_to_adapter
+
+    base = str(config.base_model)
+    tmp = output_folder.make_temp(out, (*FILE_NAMES, MANIFEST))
+    lock = output_folder.lock(tmp, out)
+    try:
+        method = get_method(plan.method)
+        check = FiniteCheck(options.strict_finite, options.allow_nonfinite)
+        with _backend(plan, sources, options) as backend, tqdm(
+                total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
+                disable=options.quiet, dynamic_ncols=True) as bar:
+            adapter = merge_to_adapter(plan, sources, base, options.lora_out, method,
+                                       backend, check, bar, options.random_seed or 0)
+        card = (f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- mergekit\n- merge\n"
+                f"- lora\n---\n\nA merge of {plan.method}, written as a LoRA adapter of "
+                f"`{base}` (rank at most {options.lora_out}).\n\n```yaml\n"
+                f"{config.to_yaml()}```\n") if options.write_model_card else None
+        with output_folder.writing(tmp / FILE_NAMES[1]):
+            adapter.write(tmp, card)
+        provenance = output_provenance(config, plan, sources, options)
+        with output_folder.writing(tmp / MANIFEST):
+            write_manifest(tmp, {**provenance, "shards": {}},
+                           skip={output_folder.JOURNAL, output_folder.LOCK})
+        output_folder.move_into_place(tmp, out, made, options.overwrite)
+        lock.release(None)
+    except BaseException:
+        lock.release(tmp)
+        output_folder.discard(tmp)
+        raise
 
 
 # Tests set it False to run torch where numpy would run.

@@ -190,3 +190,39 @@ def test_references():
     cfg = parse_config({"merge_method": "passthrough", "models": [{"model": {
         "model": {"path": "org/base", "revision": "r1"}, "lora": "org/ad"}}]})
     assert str(cfg.models[0].model) == "org/base@r1+org/ad"
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_lora_out_of_a_linear_merge_of_two_adapters(tmp_path, llama, monkeypatch, engine):
+    """--lora-out at a rank at least the sum of the adapters' ranks: peft's merge of the
+    written adapter equals the full merge (within 1e-4 relative); unchanged weights are not
+    in the adapter, and the changed norm is saved whole."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(run, "NUMPY_ENGINE", engine == "numpy")
+    make_adapter(llama, tmp_path / "a1", 11, r=2, lora_alpha=4,
+                 target_modules=["q_proj", "v_proj"], modules_to_save=["model.norm"])
+    make_adapter(llama, tmp_path / "a2", 12, r=3, lora_alpha=3, target_modules=["v_proj",
+                                                                                "down_proj"])
+    recipe = {"merge_method": "linear", "base_model": str(llama), "dtype": "float32",
+              "models": [{"model": f"{llama}+{tmp_path / 'a1'}", "parameters": {"weight": 0.3}},
+                         {"model": f"{llama}+{tmp_path / 'a2'}", "parameters": {"weight": 0.7}}]}
+    merge_in_process(recipe, tmp_path / "full")
+    merge_in_process(recipe, tmp_path / "adapter", lora_out=5)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["model.norm"]
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert not any("k_proj" in k or "o_proj" in k for k in keys)
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    merged_model = peft.PeftModel.from_pretrained(model, tmp_path / "adapter").merge_and_unload()
+    got, want = merged_model.state_dict(), merged(tmp_path / "full")
+    for name, t in want.items():
+        scale = max(float(t.abs().max()), 1e-6)
+        assert float((got[name] - t).abs().max()) <= 1e-4 * scale, name
+
+
+def test_lora_out_needs_a_plain_base_model(tmp_path, llama):
+    with pytest.raises(Exception, match="--lora-out: the output is an adapter of the "
+                       "recipe's base_model"):
+        merge_in_process({"merge_method": "linear", "models": [
+            {"model": str(llama), "parameters": {"weight": 1.0}}]}, tmp_path / "o", lora_out=4)

@@ -30,6 +30,9 @@ MERGE_FLAGS: list[tuple[str, Any, Any]] = [
     ("strict_finite", f.StrictFinite, False),
     ("allow_nonfinite", f.AllowNonfinite, False),
     ("hash_inputs", f.HashInputs, False),
+    ("lora_out", f.LoraOut, None),
+    ("lora_merge_cache", f.LoraMergeCache, None),
+    ("lora_merge_dtype", f.LoraMergeDtype, None),
     ("resume", f.Resume, True),
     ("overwrite", f.Overwrite, False),
 ]

@@ -71,3 +71,19 @@ Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace an earlier output in OUT that a different "
                        "recipe or options made (a rerun of the same one replaces it anyway).")
 ]
+
+LoraOut = Annotated[
+    int | None, typer.Option("--lora-out", metavar="RANK",
+                             help="Write the merge as a LoRA adapter of the base model, of at "
+                             "most this rank (its difference to the base, by truncated SVD).")
+]
+LoraMergeCache = Annotated[
+    str | None, typer.Option("--lora-merge-cache", metavar="DIR",
+                             help="Accepted for compatibility; not needed: adapters are "
+                             "applied as weights are read.")
+]
+LoraMergeDtype = Annotated[
+    str | None, typer.Option("--lora-merge-dtype", metavar="DTYPE",
+                             help="Accepted for compatibility; adapters are applied in "
+                             "float32.")
+]
