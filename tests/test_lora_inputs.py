@@ -209,6 +209,9 @@ def test_lora_out_of_a_linear_merge_of_two_adapters(tmp_path, llama, monkeypatch
                          {"model": f"{llama}+{tmp_path / 'a2'}", "parameters": {"weight": 0.7}}]}
     merge_in_process(recipe, tmp_path / "full")
     merge_in_process(recipe, tmp_path / "adapter", lora_out=5)
+    from mergekit.io.verify import verify
+
+    assert verify(tmp_path / "adapter").problems == []
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["model.norm"]
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
@@ -226,3 +229,14 @@ def test_lora_out_needs_a_plain_base_model(tmp_path, llama):
                        "recipe's base_model"):
         merge_in_process({"merge_method": "linear", "models": [
             {"model": str(llama), "parameters": {"weight": 1.0}}]}, tmp_path / "o", lora_out=4)
+
+
+def test_verify_reports_a_missing_adapter_file(tmp_path, llama):
+    from mergekit.io.verify import verify
+
+    make_adapter(llama, tmp_path / "a1", 11, r=2, lora_alpha=4, target_modules=["q_proj"])
+    out = tmp_path / "adapter"
+    merge_in_process({"merge_method": "passthrough", "base_model": str(llama), "models": [
+        {"model": f"{llama}+{tmp_path / 'a1'}"}]}, out, lora_out=2)
+    (out / "adapter_model.safetensors").unlink()
+    assert "adapter_model.safetensors: missing" in verify(out).problems

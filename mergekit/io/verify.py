@@ -24,6 +24,8 @@ from mergekit.io.weight_index import INDEX, index_problems, shard_header
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 # a model cannot be loaded, or its output not be told apart from another folder, without
 REQUIRED = ("config.json", RECIPE)
+# the same for a LoRA adapter (mergekit-extract-lora, --lora-out): what peft loads
+ADAPTER_REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 # relative paths: the hub's attributes file, a git clone's repository and the record
 # that ``hf download --local-dir`` keeps
 BOOKKEEPING = frozenset({".gitattributes", ".git", ".cache/huggingface"})
@@ -82,7 +84,8 @@ def verify(folder: Path) -> Verdict:
         if len(shards) > 1 and INDEX not in others:
             problems.append(f"{INDEX}: missing; loaders need it to find the tensors of "
                             f"{len(shards)} shards")
-    for name in REQUIRED:  # a listed one is reported above
+    required = ADAPTER_REQUIRED if "adapter_config.json" in others else REQUIRED
+    for name in required:  # a listed one is reported above
         if name not in others and name not in shards and not (folder / name).is_file():
             problems.append(f"{name}: missing")
     listed = set(shards) | set(others) | ({INDEX} if files is None else set())
