@@ -148,6 +148,14 @@ def recipes(models: list[Path], layers: int) -> dict[str, dict]:
     bv, cv = (str(m) for m in models[3:]) if len(models) > 3 else (b, c)
     half = max(1, layers // 2)
     return {
+        # linear of a with b's changes as a rank-64 LoRA adapter of a (lora_input), and the
+        # same merge of full models (lora_full)
+        "lora_input": {"merge_method": "linear", "dtype": "bfloat16", "models": [
+            {"model": f"{a}+{Path(a).parent / 'b_lora64'}", "parameters": {"weight": 0.5}},
+            {"model": c, "parameters": {"weight": 0.5}}]},
+        "lora_full": {"merge_method": "linear", "dtype": "bfloat16", "models": [
+            {"model": b, "parameters": {"weight": 0.5}},
+            {"model": c, "parameters": {"weight": 0.5}}]},
         # the same 3-model union merge, of one vocabulary and of three (32000/32002/32005)
         "vocab_same": {"merge_method": "linear", "dtype": "bfloat16",
                        "tokenizer_source": "union", "base_model": a, "models": [
@@ -368,6 +376,11 @@ def main() -> int:
     models = [args.cache / size / name for name in ("a", "b", "c")]
     for seed, m in enumerate(models):
         build_model(m, seed, size)
+    adapter = args.cache / size / "b_lora64"
+    if "lora_input" in args.methods.split(",") and not adapter.is_dir():
+        extract = Path(args.tool).with_name("mergekit-extract-lora")
+        subprocess.run([str(extract), "--model", str(models[1]), "--base-model", str(models[0]),
+                        "--out-path", str(adapter), "--max-rank", "64", "-q"], check=True)
     if any(m.startswith("vocab") for m in args.methods.split(",")):
         for seed, name in ((3, "b_vocab"), (4, "c_vocab")):
             models.append(args.cache / size / name)

@@ -100,6 +100,7 @@ class Adapter:
             raise usage_error(where, f"no adapter_model.safetensors or adapter_model.bin in "
                               f"{folder}", "point at a PEFT LoRA adapter folder")
         keys = self._keys()
+        self._factors: tuple[str, Any, Any] = ("", None, None)
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}
         self._map(keys, where)
@@ -178,12 +179,16 @@ class Adapter:
               ) -> np.ndarray:
         """Rows of scaling * B @ A as the weight ``name`` (of ``shape``) holds it."""
         m = self.modules[name]
-        a, b = self.array(m.a_key), self.array(m.b_key)
         start, end = rows if rows is not None else (0, shape[0])
+        if self._factors[0] != name:  # a weight's row chunks come one after another
+            # B of a head is vocabulary x rank: only its rows for the chunk are read
+            self._factors = (name, self.array(m.a_key),
+                             self.array(m.b_key) if m.transposed else None)
+        _, a, b = self._factors
         if m.transposed:  # the weight holds (B @ A)^T: its rows are A's columns
             out = a[:, start:end].T @ b.T
         else:
-            out = b[start:end] @ a
+            out = self.array(m.b_key, (start, end)) @ a
         out *= m.scaling
         if tuple(out.shape[1:]) != tuple(shape[1:]) or (
                 rows is None and out.shape[0] != shape[0]):
@@ -240,7 +245,8 @@ class AdaptedModel(ModelSource):
         if name in self.adapter.full:  # replaced by the adapter's tensor
             base = self.adapter.array(self.adapter.full[name], rows).copy()
         elif self.model.is_safetensors(name) and info.dtype in NUMPY_CODES:
-            base = to_float32(self.model.read_array(name, rows), info.dtype).copy()
+            # read_array reads into memory of its own: adding in place is safe
+            base = to_float32(self.model.read_array(name, rows), info.dtype)
         else:
             base = self.model.read(name, rows).float().numpy().copy()
         if name in self.adapter.modules:
