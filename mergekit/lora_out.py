@@ -77,3 +77,56 @@ def merge_to_adapter(plan: MergePlan, sources: Mapping[str, ModelSource], base: 
             a, b = factorize(delta, rank, seed=seed)
             adapter.add_linear(module, a, b)
     return adapter
+
+
+def check_lora_cat(models: list[Any], base: Any) -> None:
+    """lora_cat needs every model to be ``base+adapter`` of the recipe's base model."""
+    from mergekit.errors import usage_error
+
+    for i, ref in enumerate(models):
+        if ref.lora is None or ref.model != base:
+            raise usage_error(f"models[{i}].model", f"{ref} is not an adapter of the base "
+                              f"model {base}", f"lora_cat combines adapters: write "
+                              f"'{base}+ADAPTER'")
+
+
+def cat_adapters(plan: MergePlan, sources: Mapping[str, ModelSource], base: str,
+                 method: Method, backend: Backend, check: FiniteCheck, bar: Any
+                 ) -> AdapterOutput:
+    """The lora_cat adapter: per weight, the adapters' factors concatenated, B scaled by
+    the weight and scaling of its adapter. A tensor an adapter replaces whole is merged
+    (the base plus the weighted changes) and saved whole."""
+    import numpy as np
+
+    from mergekit.errors import usage_error
+
+    adapter = AdapterOutput(base)
+    for job in plan.jobs:
+        name = job.output_name
+        refs = list(job.inputs)
+        weights = job.params.get("weight") or (1.0,) * len(refs)
+        adapters = [sources[r.model].adapter for r in refs]  # type: ignore[attr-defined]
+        if any(r.name in a.full for r, a in zip(refs, adapters)):
+            chunks = [_float32(c, job.dtype) for c in execute_job(job, method, sources,
+                                                                 backend, check)]
+            adapter.add_full(name, np.concatenate([c.reshape(-1, *job.shape[1:])
+                                                   for c in chunks]).reshape(job.shape))
+        else:
+            parts = [(a.modules[r.name], a, w) for r, a, w in zip(refs, adapters, weights)
+                     if r.name in a.modules]
+            if parts:
+                kinds = {m.transposed for m, _, _ in parts}
+                embedding = name == embedding_name(sources[base].names)
+                if kinds != {embedding}:  # fan_in_fan_out weights: not written by peft's cat
+                    raise usage_error(f"lora_cat: {name}", "fan_in_fan_out adapters cannot be "
+                                      "concatenated here", "use --lora-out RANK instead")
+                a = np.concatenate([ad.array(m.a_key) for m, ad, _ in parts])
+                b = np.concatenate([ad.array(m.b_key) * (w * m.scaling) for m, ad, w in parts],
+                                   axis=1)
+                module = name.removesuffix(".weight")
+                if embedding:
+                    adapter.add_embedding(module, a, b)
+                else:
+                    adapter.add_linear(module, a, b)
+        bar.update(job.nbytes)
+    return adapter

@@ -56,8 +56,12 @@ def run_merge(
         check_device(options.torch_device, options.device)
     reader = SafetensorsReader()
     try:
-        if options.lora_out is not None:
-            _check_lora_out(config, options.lora_out)
+        if options.lora_out is not None or config.merge_method == "lora_cat":
+            _check_lora_out(config, options.lora_out or 1)
+        if config.merge_method == "lora_cat":
+            from mergekit.lora_out import check_lora_cat
+
+            check_lora_cat([m.model for m in config.models or []], config.base_model)
         sources = {
             str(ref): open_input(ref, reader, options.transformers_cache)
             for ref in config.referenced_models()
@@ -84,7 +88,7 @@ def run_merge(
                 print(f"written as a LoRA adapter of {config.base_model}, rank at most "
                       f"{options.lora_out}")
             return plan
-        if options.lora_out is not None:
+        if options.lora_out is not None or plan.method == "lora_cat":
             _write_adapter(config, plan, sources, out, options, made)
             return plan
         provenance = output_provenance(config, plan, sources, options)
@@ -182,7 +186,7 @@ def _write_adapter(config: MergeConfiguration, plan: MergePlan,
     from tqdm import tqdm
 
     from mergekit.lora.adapter_out import FILE_NAMES
-    from mergekit.lora_out import merge_to_adapter
+    from mergekit.lora_out import cat_adapters, merge_to_adapter
 
     base = str(config.base_model)
     tmp = output_folder.make_temp(out, (*FILE_NAMES, MANIFEST))
@@ -193,11 +197,14 @@ def _write_adapter(config: MergeConfiguration, plan: MergePlan,
         with _backend(plan, sources, options) as backend, tqdm(
                 total=plan.write_bytes, unit="B", unit_scale=True, desc="merging",
                 disable=options.quiet, dynamic_ncols=True) as bar:
-            adapter = merge_to_adapter(plan, sources, base, options.lora_out, method,
-                                       backend, check, bar, options.random_seed or 0)
+            if plan.method == "lora_cat" and options.lora_out is None:
+                adapter = cat_adapters(plan, sources, base, method, backend, check, bar)
+            else:
+                adapter = merge_to_adapter(plan, sources, base, options.lora_out, method,
+                                           backend, check, bar, options.random_seed or 0)
         card = (f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- mergekit\n- merge\n"
                 f"- lora\n---\n\nA merge of {plan.method}, written as a LoRA adapter of "
-                f"`{base}` (rank at most {options.lora_out}).\n\n```yaml\n"
+                f"`{base}`.\n\n```yaml\n"
                 f"{config.to_yaml()}```\n") if options.write_model_card else None
         with output_folder.writing(tmp / FILE_NAMES[1]):
             adapter.write(tmp, card)

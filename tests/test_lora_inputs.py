@@ -13,35 +13,13 @@ import peft  # the test extra installs it
 import pytest
 import torch
 from conftest import build_gpt2, build_llama
+from lora_models import make_adapter, merged
 from safetensors.torch import load_file, save_file
 from stopped_merges import merge_in_process
 
 from mergekit import run
 from mergekit.config import parse_config
 from mergekit.refs import ModelReference, parse_model_reference
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, **config: object) -> dict:
-    """A peft LoRA adapter of ``model_dir`` with random factors (and random
-    modules_to_save); returns merge_and_unload()'s state dict."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    peft_model.save_pretrained(out)
-    return {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
-
-
-def merged(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def assert_equal_to_peft(out: dict, expected: dict) -> None:

@@ -12,8 +12,8 @@ from mergekit.methods.registry import all_methods
 CMD = "mergekit.cli.methods_cmd"
 METHODS = [
     "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
-    "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
-    "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
+    "della_linear", "karcher", "linear", "lora_cat", "model_stock", "multislerp", "nearswap",
+    "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
 ]
 # defaults the spec fixes, as the listing prints them
 KNOWN_DEFAULTS = {

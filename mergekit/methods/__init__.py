@@ -6,6 +6,7 @@ from mergekit.methods import (  # noqa: F401
     dare,
     karcher,
     linear,
+    lora_cat,
     model_stock,
     multislerp,
     nearswap,
