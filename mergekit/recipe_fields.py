@@ -234,6 +234,21 @@ class TokenizerBlock(_Recipe):
         return v
 
 
+class OutputBlock(_Recipe):
+    """The ``output:`` block: what the merge is written as."""
+
+    lora_rank: StrictInt | None = Field(
+        None, description="write the merge as a LoRA adapter of base_model, of at most this "
+        "rank (as --lora-out)")
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"{v} is not a rank; give 1 or more")
+        return v
+
+
 class RecipeFields(_Recipe):
     """The recipe's top-level fields, checked only field by field; ``MergeConfiguration``
     adds the checks that need the method registry."""
@@ -258,6 +273,8 @@ class RecipeFields(_Recipe):
     )
     tokenizer: TokenizerBlock | None = Field(
         None, description="the output's vocabulary: source, tokens, pad_to_multiple_of")
+    output: OutputBlock | None = Field(
+        None, description="what the merge is written as: {lora_rank: R} for an adapter")
     chat_template: str | None = Field(
         None, description="a built-in template name or a literal Jinja template"
     )

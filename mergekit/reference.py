@@ -73,7 +73,12 @@ def recipe_reference() -> str:
         InputSliceDefinition,
         OutputSliceDefinition,
     )
-    from mergekit.recipe_fields import ModelTokenSource, TokenizerBlock, TokenSource
+    from mergekit.recipe_fields import (
+        ModelTokenSource,
+        OutputBlock,
+        TokenizerBlock,
+        TokenSource,
+    )
 
     parts = [recipe_top_level("top level")]
     for title, model in (
@@ -84,6 +89,7 @@ def recipe_reference() -> str:
         ("`tokenizer`", TokenizerBlock),
         ("`tokenizer.tokens.<token>`", TokenSource),
         ("`{kind: model_token}` source of a token", ModelTokenSource),
+        ("`output`", OutputBlock),
     ):
         parts.append(_fields_table(title, model))
     return "\n\n".join(parts)

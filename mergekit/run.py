@@ -51,6 +51,8 @@ def run_merge(
     finished shards stay there and the same call resumes from them (unless
     ``options.resume`` is false)."""
     options = options or MergeOptions()
+    if options.lora_out is None and config.output is not None and config.output.lora_rank:
+        options = options.model_copy(update={"lora_out": config.output.lora_rank})
     out = Path(out_path)
     if options.torch_device != "cpu":  # before any work: the engine would find out last
         check_device(options.torch_device, options.device)

@@ -218,3 +218,16 @@ def test_verify_reports_a_missing_adapter_file(tmp_path, llama):
         {"model": f"{llama}+{tmp_path / 'a1'}"}]}, out, lora_out=2)
     (out / "adapter_model.safetensors").unlink()
     assert "adapter_model.safetensors: missing" in verify(out).problems
+
+
+def test_output_block_lora_rank_is_lora_out(tmp_path, llama):
+    """output: {lora_rank: R} writes the same adapter as --lora-out R."""
+    make_adapter(llama, tmp_path / "a1", 11, r=2, lora_alpha=4, target_modules=["q_proj"])
+    recipe = {"merge_method": "passthrough", "base_model": str(llama), "models": [
+        {"model": f"{llama}+{tmp_path / 'a1'}"}]}
+    merge_in_process({**recipe, "output": {"lora_rank": 2}}, tmp_path / "block")
+    merge_in_process(recipe, tmp_path / "flag", lora_out=2)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "block" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes()
+    with pytest.raises(Exception, match=r"output\.lora_rank: 0 is not a rank"):
+        parse_config({**recipe, "output": {"lora_rank": 0}})
