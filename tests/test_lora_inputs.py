@@ -231,3 +231,27 @@ def test_output_block_lora_rank_is_lora_out(tmp_path, llama):
         assert (tmp_path / "block" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes()
     with pytest.raises(Exception, match=r"output\.lora_rank: 0 is not a rank"):
         parse_config({**recipe, "output": {"lora_rank": 0}})
+
+
+PROBE = r"""
+import sys
+from mergekit.cli.yaml_cmd import app
+sys.argv = ["mergekit-yaml", *sys.argv[1:], "--quiet"]
+try:
+    app()
+except SystemExit as exc:
+    print(exc.code, *(m in sys.modules for m in ("torch", "peft", "transformers")))
+"""
+
+
+def test_reading_an_adapter_imports_no_torch_peft_or_transformers(tmp_path, llama):
+    """A CPU linear merge of an adapted float32 model stays on numpy: the adapter is read
+    without torch, peft or transformers."""
+    make_adapter(llama, tmp_path / "a1", 11, r=2, lora_alpha=4, target_modules=["q_proj"])
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [
+        {"model": f"{llama}+{tmp_path / 'a1'}", "parameters": {"weight": 0.5}},
+        {"model": str(llama), "parameters": {"weight": 0.5}}]}))
+    out = subprocess.run([sys.executable, "-c", PROBE, str(recipe), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["0", "False", "False", "False"], out.stdout + out.stderr
