@@ -155,6 +155,7 @@ def test_every_benchmark_recipe_is_a_valid_recipe(tmp_path):
     folders = [tmp_path / name for name in "abc"]
     for folder in folders:
         folder.mkdir()
+    (tmp_path / "b_lora64").mkdir()  # the adapter the lora_input recipe reads
     recipes = bench.recipes(folders, 4)
     assert len(recipes) >= 13
     for name, recipe in recipes.items():
