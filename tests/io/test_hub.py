@@ -226,3 +226,30 @@ def test_hash_inputs_hashes_the_blob_not_its_name(hub, tmp_path):
     files = {e["reference"]: e["files"] for e in manifest["inputs"]}
     recorded = files["org/beta"][shard.name]["sha256"]
     assert recorded == hashlib.sha256(bytes(data)).hexdigest() != blob.name
+
+
+def test_hub_model_with_a_hub_adapter_at_a_revision(tmp_path, llama_models, merge):
+    """org/alpha@COMMIT+org/adapter@COMMIT from an offline cache equals the same merge of
+    the local folders."""
+    from lora_models import make_adapter
+
+    local_adapter = tmp_path / "adapter"
+    make_adapter(llama_models[0], local_adapter, 5, r=2, lora_alpha=4,
+                 target_modules=["q_proj"])
+    cache = tmp_path / "cache"
+    add_repo(cache, "org/alpha", ALPHA_COMMIT, folder_files(llama_models[0]), symlinks=True)
+    add_repo(cache, "org/adapter", BETA_COMMIT, folder_files(local_adapter), symlinks=True)
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "passthrough", "models": [
+        {"model": f"org/alpha@{ALPHA_COMMIT}+org/adapter@{BETA_COMMIT}"}]})
+    out = tmp_path / "out"
+    proc = run_cli("mergekit.cli.yaml_cmd", recipe, out, "--quiet",
+                   env=offline_env(cache, tmp_path / "home"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = merge({"merge_method": "passthrough", "models": [
+        {"model": f"{llama_models[0]}+{local_adapter}"}]})
+    assert_same_weights(out, expected)
+    manifest = json.loads((out / "mergekit_manifest.json").read_text())
+    adapter = manifest["inputs"][0]["adapter"]
+    assert adapter["reference"] == f"org/adapter@{BETA_COMMIT}"
+    assert adapter["revision"] == BETA_COMMIT
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapter["files"])
