@@ -15,6 +15,9 @@ import yaml
 from conftest import build_llama, load_state, read_json, run_cli, write_recipe
 from safetensors import safe_open
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "models"
 BASE, INSTRUCT, CODE = (str(TINY / n) for n in ("tiny-base", "tiny-instruct", "tiny-code"))

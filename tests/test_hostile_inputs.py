@@ -11,6 +11,9 @@ import torch
 from conftest import run_cli, write_recipe
 from hostile import assert_nothing_partial, tree_digest
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 
 def _split(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()

@@ -23,7 +23,9 @@ from stopped_merges import (
     wait_stopped,
 )
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")]
 
 
 def interrupt(recipe: Path, out: Path, point: str, sig: int) -> tuple[int, str]:

@@ -89,6 +89,7 @@ SIDE = 1024
 STEPS = np.arange(1, SIDE + 1)
 
 
+@pytest.mark.slow  # 7 SVDs of 1500-row matrices
 @pytest.mark.parametrize(("spectrum", "k"), [
     (1.0 / STEPS, 32),  # decaying as 1/i
     (np.exp(-STEPS / 100), 16),  # slow exponential decay: the tail close to the kept part

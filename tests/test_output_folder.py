@@ -28,6 +28,9 @@ from stopped_merges import (
 
 from mergekit.errors import MergeError
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 MANIFEST = "mergekit_manifest.json"
 
 

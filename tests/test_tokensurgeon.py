@@ -18,6 +18,9 @@ from vocab_models import build_vocab_model
 from mergekit.surgery.rows import omp
 from mergekit.surgery.tokensurgeon_run import tokensurgeon
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 DONOR_WORDS = ["alpha", "beta", "gamma", "surgeon"]
 

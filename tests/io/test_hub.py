@@ -17,6 +17,9 @@ import yaml
 from conftest import load_state, run_cli, write_recipe
 from safetensors.torch import save_file
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 ALPHA_COMMIT = "a" * 8 + "0123456789abcdef0123456789abcdef"
 BETA_COMMIT = "b" * 8 + "0123456789abcdef0123456789abcdef"
 TOKENIZER = {

@@ -15,6 +15,9 @@ from safetensors.torch import save_file
 
 from mergekit.wrappers.bakllama import BakllamaConfig, bakllama_recipe
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 BAKLLAMA = "mergekit.cli.bakllama_cmd"
 
 # The scale filters a slice with `scale: S` gets, in order, then 1 for everything else.

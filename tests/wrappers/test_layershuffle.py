@@ -16,6 +16,9 @@ from hostile import assert_nothing_partial, tree_digest
 from mergekit.config import parse_config
 from mergekit.wrappers.layershuffle import shuffle_recipe
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 SHUFFLE = "mergekit.cli.layershuffle_cmd"
 
 

@@ -14,6 +14,9 @@ from conftest import load_state, read_json, run_cli
 from mergekit.config import parse_config
 from mergekit.wrappers.legacy import legacy_recipe
 
+# end to end through the command line: the whole suite runs them, -m "not slow" not
+pytestmark = pytest.mark.slow
+
 LEGACY = "mergekit.cli.legacy_cmd"
 
 
