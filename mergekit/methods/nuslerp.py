@@ -7,7 +7,7 @@ from pydantic import Field
 
 from mergekit.methods.gram import summed_gram
 from mergekit.methods.registry import MethodParams, PerModelFloat, prepared, register
-from mergekit.methods.slerp import slerp_coefficients
+from mergekit.methods.slerp import NUSLERP_MIN_SIN2, slerp_coefficients
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ def _vector_coefficients(sums: torch.Tensor, t: float, device: torch.device
     |a|^2, |b|^2 and a . b (see ``slerp_coefficients``)."""
     import torch
 
-    s_a, s_b, _ = slerp_coefficients(*sums.cpu().numpy(), t)
+    s_a, s_b, _ = slerp_coefficients(*sums.cpu().numpy(), t, NUSLERP_MIN_SIN2)
     return torch.from_numpy(s_a).float().to(device), torch.from_numpy(s_b).float().to(device)
 
 
@@ -100,7 +100,7 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: NuSl
         if params.sums is None:
             params = prepare_nuslerp(lambda: [(tensors, base)], params)
         assert params.sums is not None
-        s_a, s_b, _ = slerp_coefficients(*params.sums, t)
+        s_a, s_b, _ = slerp_coefficients(*params.sums, t, NUSLERP_MIN_SIN2)
         out = a * float(s_a)
         out += b * float(s_b)  # no fused multiply-add: numpy arrays get the same bits
     else:

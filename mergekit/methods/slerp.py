@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 # not normalised.
 COLINEAR_COSINE = 0.9995
 NORM_EPS = 1e-8
+# nuslerp's own rule, as mergekit 0.1.x has it: linear only where 1 - cos^2 is at most this
+NUSLERP_MIN_SIN2 = 1e-16
 
 
 class SlerpParams(MethodParams):
@@ -71,13 +73,14 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return b - diff
 
 
-def slerp_coefficients(aa: Any, bb: Any, ab: Any, t: float
+def slerp_coefficients(aa: Any, bb: Any, ab: Any, t: float, min_sin2: float | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(s_a, s_b, linear) with slerp(a, b, t) = s_a a + s_b b, from |a|^2, |b|^2 and a . b:
     float64 numbers for one pair of vectors, or arrays of them for many pairs at once
     (nuslerp's rows and columns). ``linear`` marks the pairs that are (nearly) colinear or
     not finite: there is no angle, and s_a, s_b = 1 - t, t, a linear interpolation that
-    keeps the other elements finite."""
+    keeps the other elements finite. Colinear is |cos| > ``COLINEAR_COSINE`` (slerp's
+    rule), or with ``min_sin2`` 1 - cos^2 <= min_sin2 (nuslerp's)."""
     import numpy as np
 
     aa, bb, ab = (np.asarray(x, dtype=np.float64) for x in (aa, bb, ab))
@@ -86,7 +89,9 @@ def slerp_coefficients(aa: Any, bb: Any, ab: Any, t: float
         # cosine of the normalised vectors; a zero-norm vector stays unnormalised (cosine 0)
         cos = ab / (np.where(norm_a > NORM_EPS, norm_a, 1.0)
                     * np.where(norm_b > NORM_EPS, norm_b, 1.0))
-        linear = ~np.isfinite(cos) | (np.abs(cos) > COLINEAR_COSINE)
+        colinear = (np.abs(cos) > COLINEAR_COSINE if min_sin2 is None
+                    else 1.0 - cos * cos <= min_sin2)
+        linear = ~np.isfinite(cos) | colinear
         theta = np.arccos(np.clip(np.where(linear, 0.0, cos), -1.0, 1.0))
         sin_theta = np.where(linear, 1.0, np.sin(theta))
         s_a = np.where(linear, 1.0 - t, np.sin((1.0 - t) * theta) / sin_theta)
