@@ -27,8 +27,17 @@ class KarcherParams(GramParams):
                        "than this (above 0)")
 
 
-# the Gram matrix of the inputs, summed over row chunks
-prepare_karcher = gram_prepare(deltas=False)
+_gram_of_points = gram_prepare(deltas=False)
+
+
+def prepare_karcher(chunks, params):  # type: ignore[no-untyped-def]
+    """The Gram matrix of the points, summed over row chunks: the inputs, and the base
+    model as one more point when there is one (as mergekit 0.1.x averages it in)."""
+    def points():  # type: ignore[no-untyped-def]
+        for xs, base, *rest in chunks():
+            yield (list(xs) + ([base] if base is not None else []), None, *rest)
+
+    return _gram_of_points(points, params)
 
 
 def _quad(gram: list[list[float]], a: list[float], b: list[float]) -> float:
@@ -80,7 +89,7 @@ def karcher_coefficients(gram: list[list[float]], weights: list[float], max_iter
     return out
 
 
-@register("karcher", KarcherParams, base="unused", min_models=1, elementwise=True,
+@register("karcher", KarcherParams, base="optional", min_models=1, elementwise=True,
           prepare=prepare_karcher, arrays=True)
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: KarcherParams):
     """Karcher mean (Riemannian mean on the sphere)
@@ -90,14 +99,16 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Karc
     The directions of the whole tensors (unit vectors) are averaged on the sphere by a
     fixed-point iteration from their normalised weighted sum; the mean direction is
     scaled by the weighted mean of their norms. Norms and angles are those of the whole
-    tensor (from its Gram matrix), so the result is a weighted sum of the inputs.
+    tensor (from its Gram matrix), so the result is a weighted sum of the inputs. A base
+    model is one more point, of weight 1, as in mergekit 0.1.x.
     """
     if params.gram is None:
         params = prepare_karcher(lambda: [(tensors, base)], params)
     assert params.gram is not None
-    coef = karcher_coefficients(params.gram_rows(), list(params.weight), params.max_iter,
-                                params.tol)
-    out = tensors[0] * coef[0]
-    for c, x in zip(coef[1:], tensors[1:]):
+    points = list(tensors) + ([base] if base is not None else [])
+    weights = list(params.weight) + ([1.0] if base is not None else [])  # the base: 1
+    coef = karcher_coefficients(params.gram_rows(), weights, params.max_iter, params.tol)
+    out = points[0] * coef[0]
+    for c, x in zip(coef[1:], points[1:]):
         out += x * c  # no fused multiply-add: numpy arrays get the same bits
     return out

@@ -158,3 +158,37 @@ def test_most_iterations_with_a_tol_never_reached():
     np.testing.assert_allclose(run(xs, weights, max_iter=MAX_ITER, tol=1e-300),
                                karcher_ref(xs, weights, max_iter=MAX_ITER, tol=1e-300),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_base_model_is_one_more_point():
+    """With a base, the mean is over the inputs and the base (weight 1), as mergekit 0.1.x
+    averages it in: checked against a float64 Karcher mean on the sphere written here."""
+    import numpy as np
+    import torch
+
+    from mergekit.methods.karcher import KarcherParams, karcher
+
+    g = np.random.default_rng(5)
+    pts = [g.standard_normal(32) * s for s in (1.0, 2.0, 0.5)]
+    units = [p / np.linalg.norm(p) for p in pts]
+    m = sum(units)
+    m /= np.linalg.norm(m)
+    for _ in range(500):  # the fixed point: exp_m(mean of log_m(u_i))
+        logs = []
+        for u in units:
+            c = np.clip(u @ m, -1, 1)
+            th = np.arccos(c)
+            logs.append((u - c * m) * (th / np.sin(th) if th > 1e-12 else 1.0))
+        v = sum(logs) / 3
+        step = np.linalg.norm(v)
+        if step < 1e-14:
+            break
+        m = np.cos(step) * m + np.sin(step) * v / step
+        m /= np.linalg.norm(m)
+    want = m * np.mean([np.linalg.norm(p) for p in pts])
+    a, b, base = (torch.tensor(p, dtype=torch.float32) for p in pts)
+    params = KarcherParams(weight=(1.0, 1.0), max_iter=1000, tol=1e-12)
+    got = karcher([a, b], base, params).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    without = karcher([a, b], None, params).double().numpy()
+    assert np.abs(without - want).max() > 1e-3  # leaving the base out would fail
