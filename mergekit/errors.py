@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 
-class MergeError(Exception):
+class MergeError(ValueError, RuntimeError):
     """A problem the user can fix, reported as ``<where>: <what>; <what to do>``.
 
     ``exit_code`` is 2 for recipe and usage errors (found before any weight is read)
-    and 1 for failures while merging.
+    and 1 for failures while merging. It is a ``ValueError`` and a ``RuntimeError``, as
+    mergekit 0.1.x's recipe validators and reference parser raise them, so scripts written
+    for it catch it with ``except ValueError`` or ``except RuntimeError``.
     """
 
     def __init__(self, message: str, exit_code: int = 2) -> None:

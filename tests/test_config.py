@@ -575,3 +575,12 @@ def test_layer_range_is_two_integers_not_coerced(layer_range: list):
                                                         "layer_range": layer_range}]))
     assert "slices[0].sources[1].layer_range[" in message
     assert "Input should be a valid integer" in message
+
+
+def test_recipe_errors_are_value_and_runtime_errors():
+    """Scripts written for mergekit 0.1.x catch its validators' ValueError and its reference
+    parser's RuntimeError; both must catch ours, and the exit code stays a usage error's."""
+    for catch in (ValueError, RuntimeError):
+        with pytest.raises(catch) as info:
+            parse_config(linear_models(parameters={"wieght": 1.0}))
+        assert isinstance(info.value, MergeError) and info.value.exit_code == 2
