@@ -161,6 +161,20 @@ def misplaced_globals(method: Method, cfg: MergeConfiguration) -> list[str]:
     ]
 
 
+def foreign_parameters(method: Method, cfg: MergeConfiguration) -> list[str]:
+    """Warnings for parameters the method does not take but another method does; mergekit
+    0.1.x ignores them, and so does the merge."""
+    from mergekit.recipe_checks import other_methods_parameters
+
+    foreign = other_methods_parameters(method)
+    return [
+        f"{where}.{yaml_key(name)}: '{method.name}' takes no parameter {name!r}, so it is "
+        "ignored; remove it, or use a method that takes it"
+        for where, params, _ in parameter_places(cfg)
+        for name in sorted(set(params or {}) & foreign)
+    ]
+
+
 def unusual_values(method: Method, cfg: MergeConfiguration) -> list[str]:
     """Warnings for values outside a parameter's usual range (``UsualRange``), once for
     each place the recipe sets one: a scalar, a gradient's anchor, a filter entry's value."""

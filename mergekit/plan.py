@@ -20,7 +20,13 @@ from mergekit.io.dtypes import FLOAT_CODES, NAME_TO_ST, itemsize
 from mergekit.io.model import ModelSource
 from mergekit.io.safetensors_file import TensorInfo
 from mergekit.methods.registry import Method, get_method
-from mergekit.parameters import ModelLevels, method_params, misplaced_globals, unusual_values
+from mergekit.parameters import (
+    ModelLevels,
+    foreign_parameters,
+    method_params,
+    misplaced_globals,
+    unusual_values,
+)
 from mergekit.printable import printable
 from mergekit.refs import parse_model_reference
 from mergekit.vocab_plan import VocabPlan, plan_vocabulary
@@ -115,6 +121,7 @@ class _Planner:
         self.out_dtype = NAME_TO_ST[config.output_dtype] if config.output_dtype else None
         if not allow_crimes:
             self._check_architectures()
+        self.warnings.extend(foreign_parameters(self.method, config))
         self.warnings.extend(misplaced_globals(self.method, config))
         self.warnings.extend(unusual_values(self.method, config))
 

@@ -102,11 +102,17 @@ def _check_empty_slices(cfg: RecipeFields) -> None:
 def _check_params(method: Method, params: Parameters | None, where: str) -> None:
     known = {p.name for p in method.params}
     for name, setting in (params or {}).items():
+        if name not in known and name in other_methods_parameters(method):
+            continue  # as mergekit 0.1.x: ignored, with a warning from the plan
         if name not in known:
             import difflib
 
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+            close = (difflib.get_close_matches(name, sorted(known), n=1)
+                     or difflib.get_close_matches(name, sorted(other_methods_parameters(
+                         method)), n=1))
             hint = f"did you mean {close[0]!r}? " if close else ""
+            if close and close[0] not in known:
+                hint += f"(ignored by '{method.name}') "
             raise ValueError(
                 f"{where}.{yaml_key(name)}: '{method.name}' has no parameter "
                 f"{short_repr(name)}; {hint or 'remove it '}"
@@ -118,6 +124,15 @@ def _check_params(method: Method, params: Parameters | None, where: str) -> None
                        or _bounds_error(method, spec, cond.value))
             if problem:
                 raise ValueError(f"{where}.{yaml_key(name)}: {problem}")
+
+
+def other_methods_parameters(method: Method) -> set[str]:
+    """Parameter names that other methods take and ``method`` does not: a recipe that
+    switched methods keeps them (a ``weight`` left on slerp's models)."""
+    from mergekit.methods.registry import all_methods
+
+    own = {p.name for p in method.params}
+    return {p.name for m in all_methods().values() for p in m.params} - own
 
 
 def _type_error(spec: ParamSpec, value: object) -> str | None:

@@ -262,20 +262,20 @@ def test_unknown_parameter_of_a_model():
 
 
 def test_unknown_parameter_of_a_source():
-    recipe = linear_slices([src(A, 0, 2), src(B, 0, 2, parameters={"t": 0.5})])
+    recipe = linear_slices([src(A, 0, 2), src(B, 0, 2, parameters={"tt": 0.5})])
     msg = parse_error(recipe)
-    assert "slices[0].sources[1].parameters.t:" in msg and "'linear'" in msg
+    assert "slices[0].sources[1].parameters.tt:" in msg and "'linear'" in msg
 
 
 def test_unknown_parameter_of_a_slice():
     recipe = linear_slices([src(A, 0, 2)])
-    recipe["slices"][0]["parameters"] = {"lambda": 1.0}
-    assert "slices[0].parameters.lambda:" in parse_error(recipe)
+    recipe["slices"][0]["parameters"] = {"lambdda": 1.0}
+    assert "slices[0].parameters.lambdda:" in parse_error(recipe)
 
 
 def test_unknown_parameter_in_input_model_parameters():
-    msg = parse_error(linear_models(input_model_parameters={B: {"density": 0.5}}))
-    assert f"input_model_parameters.{B}.density:" in msg
+    msg = parse_error(linear_models(input_model_parameters={B: {"densiti": 0.5}}))
+    assert f"input_model_parameters.{B}.densiti:" in msg
 
 
 def test_input_model_parameters_for_a_model_not_in_the_recipe():

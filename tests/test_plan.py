@@ -460,3 +460,37 @@ def test_global_parameter_set_for_one_model_is_ignored_with_a_warning(llama_mode
     assert any(w.startswith("models[0].parameters.normalize: 'normalize' applies to the whole "
                             "merge") for w in plan.warnings)
     assert all(job.params["normalize"] is True for job in plan.jobs if job.compute)
+
+
+def test_a_parameter_of_another_method_is_ignored_with_a_warning(llama_models):
+    """As mergekit 0.1.x: a ``weight`` left on slerp's models (and ties' ``density`` at the
+    top) is ignored with a warning naming where it is set; the jobs are those of the recipe
+    without it. A name no method takes stays an error."""
+    from mergekit.config import parse_config
+    from mergekit.io.model import open_model
+    from mergekit.io.safetensors_file import SafetensorsReader
+    from mergekit.plan import build_plan
+
+    a, b, _ = (str(m) for m in llama_models)
+    clean = {"merge_method": "slerp", "base_model": a, "parameters": {"t": 0.3},
+             "models": [{"model": a}, {"model": b}]}
+    lenient = {"merge_method": "slerp", "base_model": a,
+               "parameters": {"t": 0.3, "density": 0.5},
+               "models": [{"model": a, "parameters": {"weight": 0.6}},
+                          {"model": b, "parameters": {"weight": 0.4}}]}
+    reader = SafetensorsReader()
+    plans = []
+    for recipe in (clean, lenient):
+        cfg = parse_config(recipe)
+        sources = {str(r): open_model(r, reader, None) for r in cfg.referenced_models()}
+        plans.append(build_plan(cfg, sources))
+    reader.close()
+    assert [(j.output_name, j.params) for j in plans[0].jobs] == [
+        (j.output_name, j.params) for j in plans[1].jobs]
+    assert plans[0].warnings == ()
+    assert sorted(w.split(":")[0] for w in plans[1].warnings) == [
+        "models[0].parameters.weight", "models[1].parameters.weight", "parameters.density"]
+    assert all("'slerp' takes no parameter" in w for w in plans[1].warnings)
+    with pytest.raises(MergeError, match=r"models\[0\]\.parameters\.weigth: .*did you mean"):
+        parse_config({**lenient, "models": [{"model": a, "parameters": {"weigth": 1}},
+                                            {"model": b}]})
